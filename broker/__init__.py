@@ -1,0 +1,1 @@
+"""rtgate backbone: the NATS contract (subjects, streams) and the broker service."""

@@ -1,0 +1,5 @@
+import sys
+
+from rtgate.cli import main
+
+main(["broker", *sys.argv[1:]])

@@ -1,0 +1,1 @@
+"""rtgate edge gateway: WebSocket termination, auth, rooms, fan-out."""

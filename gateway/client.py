@@ -1,0 +1,377 @@
+"""One WebSocket connection: authentication, its rooms, its limits, its frames.
+
+Frames are handled strictly in arrival order. Durable sends do not hold up
+the frames behind them: the publish is sent in order and its ack is written
+when the PubAck arrives, through a future callback rather than a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from broker import subjects
+from gateway import codec, disconnect, protocol
+from gateway.auth import AuthError, Identity
+from gateway.codec import WireFormat
+from gateway.disconnect import Disconnect
+from gateway.errors import ErrorCode, ProtocolError
+from gateway.publisher import PubAck
+from gateway.ratelimit import TokenBucket
+from gateway.writer import Writer
+
+if TYPE_CHECKING:
+    from gateway.node import Node
+
+log = structlog.get_logger("rtgate.client")
+
+# Returned by handlers whose ack is written later (after a PubAck).
+_DEFERRED = object()
+
+Handler = Callable[["Client", protocol.Frame], Awaitable[Any]]
+
+
+class Client:
+    def __init__(
+        self,
+        node: Node,
+        ws: web.WebSocketResponse,
+        transport: asyncio.WriteTransport,
+        fmt: WireFormat,
+        remote: str,
+    ) -> None:
+        limits = node.config.limits
+        self.node = node
+        self.ws = ws
+        self.fmt = fmt
+        self.remote = remote
+        self.conn_id = secrets.token_hex(8)
+        # Origin header value: lets the fan-out recognise this connection's own messages.
+        self.key = f"{node.gateway_id}/{self.conn_id}"
+        self.identity: Identity | None = None
+        self.user_id = ""
+        self.rooms: set[str] = set()
+        self.writer = Writer(transport, node.flusher, limits.outbox_frames, limits.outbox_bytes,
+                             self._on_overflow)
+        self.closing: Disconnect | None = None
+        self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, time.monotonic())
+        self._bad_frames = 0
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.opened_at = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, identity: Identity | None) -> None:
+        """Called once the socket is open: welcome now, or wait for an ``auth`` frame."""
+        if identity is not None:
+            self._authenticate(identity)
+        else:
+            self._set_timer("auth", self.node.config.auth.timeout_seconds,
+                            self.close, disconnect.AUTH_TIMEOUT)
+
+    def close(self, reason: Disconnect) -> None:
+        """Close with ``reason``; queued frames are dropped and the close frame goes next."""
+        if self.closing is not None:
+            return
+        self.closing = reason
+        self.writer.close()
+        self._cancel_timers()
+        self.node.metrics.closes.labels(str(reason.code)).inc()
+        self.node.spawn(self.ws.close(code=reason.code, message=reason.reason.encode()))
+
+    def finish(self) -> None:
+        """The socket is gone: release everything it held."""
+        self.writer.close()
+        self._cancel_timers()
+        self.node.hub.remove(self)
+
+    def _on_overflow(self) -> None:
+        self.node.metrics.slow_consumers.inc()
+        log.info("slow consumer", conn_id=self.conn_id, user_id=self.user_id)
+        self.close(disconnect.SLOW_CONSUMER)
+
+    # -- inbound ---------------------------------------------------------------
+
+    async def receive(self, raw: str | bytes) -> None:
+        """Handle one inbound WebSocket message."""
+        if self.closing is not None:
+            return
+        metrics = self.node.metrics
+        metrics.bytes_received.inc(len(raw))
+        try:
+            frame = protocol.parse_frame(codec.decode(self.fmt, raw))
+        except ProtocolError as exc:
+            metrics.frames_received.labels("invalid").inc()
+            self._bad_frame(exc)
+            return
+        self._bad_frames = 0
+        kind = frame.type
+        metrics.frames_received.labels(kind if kind in protocol.CLIENT_TYPES else "unknown").inc()
+        if not self._bucket.take(time.monotonic()):
+            self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED,
+                                            "too many frames, slow down"))
+            return
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            self._fail(frame, ProtocolError(ErrorCode.BAD_REQUEST, f"unknown type '{kind[:64]}'"))
+            return
+        if self.identity is None and kind not in ("auth", "ping"):
+            self._fail(frame, ProtocolError(ErrorCode.UNAUTHENTICATED, "authenticate first"))
+            return
+        try:
+            result = await handler(self, frame)
+        except ProtocolError as exc:
+            self._fail(frame, exc)
+            return
+        except Exception:
+            log.exception("handler failed", type=kind, conn_id=self.conn_id)
+            self._fail(frame, ProtocolError(ErrorCode.INTERNAL, "internal error"))
+            return
+        if result is not _DEFERRED and frame.id is not None:
+            self.send(protocol.ack_ok(frame.id, result))
+
+    def _bad_frame(self, exc: ProtocolError) -> None:
+        self._bad_frames += 1
+        self._report(None, exc)
+        if self._bad_frames >= self.node.config.limits.max_bad_frames:
+            self.close(disconnect.BAD_FRAMES)
+
+    def _fail(self, frame: protocol.Frame, exc: ProtocolError) -> None:
+        self._report(frame.id, exc)
+
+    def _report(self, frame_id: int | None, exc: ProtocolError) -> None:
+        self.node.metrics.errors.labels(exc.code.value).inc()
+        if frame_id is not None:
+            self.send(protocol.ack_error(frame_id, exc))
+        else:
+            self.send(protocol.error_frame(exc))
+
+    # -- outbound --------------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.writer.send(codec.encode_frame(self.fmt, obj))
+
+    # -- auth ------------------------------------------------------------------
+
+    def _authenticate(self, identity: Identity) -> None:
+        first = self.identity is None
+        self.identity = identity
+        self.user_id = identity.user_id
+        self._cancel_timer("auth")
+        self._cancel_timer("expiry")
+        if identity.expires_at is not None:
+            self._set_timer("expiry", max(0.0, identity.expires_at - time.time()),
+                            self.close, disconnect.TOKEN_EXPIRED)
+        if first:
+            log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
+                     remote=self.remote)
+            self.send({"type": "welcome", "data": self._welcome()})
+
+    def _welcome(self) -> dict[str, Any]:
+        cfg = self.node.config
+        assert self.identity is not None
+        return {
+            "sessionId": self.conn_id,
+            "userId": self.identity.user_id,
+            "username": self.identity.username,
+            "gatewayId": self.node.gateway_id,
+            "heartbeatSeconds": cfg.server.heartbeat_seconds,
+            "dedupWindowSeconds": cfg.streams.duplicate_window_seconds,
+            "limits": {
+                "ratePerSecond": cfg.limits.rate_per_second,
+                "rateBurst": cfg.limits.rate_burst,
+                "maxFrameBytes": cfg.limits.max_frame_bytes,
+                "maxContentBytes": cfg.limits.max_content_bytes,
+                "maxRooms": cfg.limits.max_rooms,
+            },
+        }
+
+    async def on_auth(self, frame: protocol.Frame) -> Any:
+        token = protocol.auth_token(frame.data)
+        try:
+            identity = self.node.auth.verify(token)
+        except AuthError as exc:
+            self.close(Disconnect(disconnect.BAD_TOKEN.code, str(exc),
+                                  disconnect.BAD_TOKEN.reconnect))
+            return _DEFERRED
+        if self.identity is not None and identity.user_id != self.identity.user_id:
+            self.close(Disconnect(disconnect.BAD_TOKEN.code, "token is for another user",
+                                  disconnect.BAD_TOKEN.reconnect))
+            return _DEFERRED
+        # Ack before welcome: the client learns its request worked, then its session.
+        if frame.id is not None:
+            self.send(protocol.ack_ok(frame.id, _identity_data(identity)))
+        self._authenticate(identity)
+        return _DEFERRED
+
+    # -- rooms -----------------------------------------------------------------
+
+    def _check_member(self, room_id: str) -> None:
+        assert self.identity is not None
+        if room_id not in self.rooms:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "join the room before posting to it")
+        if not self.identity.may_publish(room_id):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "no publish rights for this room")
+
+    async def on_join(self, frame: protocol.Frame) -> Any:
+        room_id = protocol.room_id(frame.data)
+        assert self.identity is not None
+        if not self.identity.may_join(room_id):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
+        node = self.node
+        if not node.nats_connected:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
+        if room_id not in self.rooms:
+            if len(self.rooms) >= node.config.limits.max_rooms:
+                raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                    f"at most {node.config.limits.max_rooms} rooms per connection")
+            try:
+                await node.hub.join(self, room_id)
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "could not subscribe to room") from exc
+        try:
+            offset = await node.last_room_offset(room_id)
+        except ProtocolError:
+            node.hub.leave(self, room_id)
+            raise
+        return {"roomId": room_id, "offset": offset, "epoch": node.room_epoch()}
+
+    async def on_leave(self, frame: protocol.Frame) -> Any:
+        room_id = protocol.room_id(frame.data)
+        self.node.hub.leave(self, room_id)
+        return {"roomId": room_id}
+
+    # -- messages --------------------------------------------------------------
+
+    async def on_chat(self, frame: protocol.Frame) -> Any:
+        msg = protocol.chat_message(frame.data, self.node.config.limits.max_content_bytes)
+        self._check_member(msg.room_id)
+        assert self.identity is not None
+        body = {
+            "roomId": msg.room_id,
+            "userId": self.identity.user_id,
+            "username": self.identity.username,
+            "content": msg.content,
+            "timestamp": protocol.timestamp(time.time()),
+        }
+        headers = {subjects.HDR_ORIGIN: self.key}
+        if msg.client_id is not None:
+            headers[subjects.HDR_MSG_ID] = subjects.dedup_id(self.identity.user_id, msg.client_id)
+        payload = codec.encode_payload(WireFormat.JSON, {"type": "chat:message", "data": body})
+        started = time.perf_counter()
+        future = await self.node.publisher.publish(
+            subjects.room_subject(msg.room_id), payload, headers)
+        future.add_done_callback(functools.partial(self._on_stored, frame.id, body, started))
+        return _DEFERRED
+
+    def _on_stored(self, frame_id: int | None, body: dict[str, Any], started: float,
+                   future: asyncio.Future[PubAck]) -> None:
+        node = self.node
+        node.metrics.publish_latency.observe(time.perf_counter() - started)
+        exc = future.exception()
+        if exc is not None:
+            error = exc if isinstance(exc, ProtocolError) else ProtocolError(
+                ErrorCode.INTERNAL, "publish failed")
+            self._report(frame_id, error)
+            return
+        ack = future.result()
+        if ack.duplicate:
+            # A retry: answer with the message as first stored, not with this copy.
+            node.spawn(self._ack_duplicate(frame_id, ack.seq))
+            return
+        if frame_id is not None:
+            epoch = node.room_epoch()
+            message = dict(body, id=subjects.message_id(epoch, ack.seq), offset=ack.seq,
+                           epoch=epoch)
+            self.send(protocol.ack_ok(frame_id, {"message": message}))
+
+    async def _ack_duplicate(self, frame_id: int | None, seq: int) -> None:
+        if frame_id is None:
+            return
+        try:
+            event = await self.node.stored_room_event(seq)
+        except ProtocolError as exc:
+            self._report(frame_id, exc)
+            return
+        epoch = self.node.room_epoch()
+        message = dict(event["data"], id=subjects.message_id(epoch, seq), offset=seq, epoch=epoch)
+        self.send(protocol.ack_ok(frame_id, {"message": message}))
+
+    async def on_typing(self, frame: protocol.Frame) -> Any:
+        typing = protocol.typing(frame.data)
+        self._check_member(typing.room_id)
+        assert self.identity is not None
+        event = {"type": "chat:typing", "data": {
+            "roomId": typing.room_id,
+            "userId": self.identity.user_id,
+            "username": self.identity.username,
+            "isTyping": typing.is_typing,
+        }}
+        node = self.node
+        if not node.nats_connected:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
+        key = (self.identity.user_id, typing.room_id)
+        now = time.monotonic()
+        offer = node.typing.offer(key, event, now)
+        if offer.send:
+            await node.publish_ephemeral(subjects.live_room_subject(typing.room_id), event,
+                                         self.key)
+        elif offer.release_at is not None:
+            asyncio.get_running_loop().call_later(
+                max(0.0, offer.release_at - now), self._release_typing, key,
+                typing.room_id)
+        return None
+
+    def _release_typing(self, key: tuple[str, str], room_id: str) -> None:
+        node = self.node
+        sent, event = node.typing.release(key, time.monotonic())
+        if sent and event is not None and node.nats_connected:
+            node.spawn(node.publish_ephemeral(subjects.live_room_subject(room_id), event,
+                                              self.key))
+
+    async def on_ping(self, frame: protocol.Frame) -> Any:
+        self.send({"type": "pong", "data": frame.data})
+        return frame.data
+
+    # -- timers ----------------------------------------------------------------
+
+    def _set_timer(self, name: str, delay: float, callback: Callable[..., None],
+                   *args: Any) -> None:
+        self._cancel_timer(name)
+        self._timers[name] = asyncio.get_running_loop().call_later(delay, callback, *args)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+
+def _identity_data(identity: Identity) -> dict[str, Any]:
+    expires = identity.expires_at
+    return {
+        "userId": identity.user_id,
+        "username": identity.username,
+        "expiresAt": protocol.timestamp(expires) if expires is not None else None,
+    }
+
+
+_HANDLERS: dict[str, Handler] = {
+    "auth": Client.on_auth,
+    "room:join": Client.on_join,
+    "room:leave": Client.on_leave,
+    "chat:message": Client.on_chat,
+    "chat:typing": Client.on_typing,
+    "ping": Client.on_ping,
+}

@@ -1,0 +1,104 @@
+"""The gateway's configuration: one typed object, passed down from start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+
+from broker import settings
+from broker.settings import LogSettings, NatsSettings, StreamSettings, require
+
+DEV_SECRET = "rtgate-insecure-dev-secret-change-me"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerSettings:
+    # Unique per process; names its control subject and shows in welcome.
+    id: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # WebSocket ping interval; a peer that does not answer is closed.
+    heartbeat_seconds: float = 25.0
+    # How long a close handshake may wait for the peer before the socket is cut.
+    close_timeout_seconds: float = 3.0
+    # permessage-deflate. Off: it costs ~3x CPU per delivery and ~90 KiB per
+    # connection. When on, it is offered to clients but fan-out frames are
+    # still sent uncompressed (see docs/operations.md).
+    compression: bool = False
+    # Development only: accept ?user=NAME without a token. Logged loudly.
+    dev_allow_user_param: bool = False
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, "server.port must be 0..65535")
+        require(self.heartbeat_seconds > 0, "server.heartbeat_seconds must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # HS256 shared secret. The built-in default is for local development only.
+    secret: str = DEV_SECRET
+    algorithms: tuple[str, ...] = ("HS256",)
+    issuer: str = ""
+    audience: str = ""
+    leeway_seconds: float = 0.0
+    # A connection without a token in the handshake must send "auth" within this.
+    timeout_seconds: float = 5.0
+    # Rooms a token without a "rooms" claim may join (glob patterns).
+    default_rooms: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        require(bool(self.algorithms), "auth.algorithms must not be empty")
+        for alg in self.algorithms:
+            require(alg.lower() != "none", "auth.algorithms must never contain 'none'")
+            require(alg in ("HS256", "HS384", "HS512"),
+                    f"auth.algorithms: {alg} is not supported (HS256, HS384, HS512)")
+        require(bool(self.secret), "auth.secret must not be empty")
+        require(self.timeout_seconds > 0, "auth.timeout_seconds must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_frame_bytes: int = 64 * 1024
+    rate_per_second: float = 20.0
+    rate_burst: int = 50
+    max_rooms: int = 100
+    max_content_bytes: int = 4096
+    # Bad frames in a row before the connection is closed with 1007.
+    max_bad_frames: int = 10
+    # Outbound queue per connection; bytes include what the transport still holds.
+    outbox_frames: int = 1024
+    outbox_bytes: int = 4 * 1024 * 1024
+    # chat:typing forwarded per user per room per second (coalesced, latest wins).
+    typing_per_second: float = 2.0
+
+    def __post_init__(self) -> None:
+        require(self.max_frame_bytes >= 1024, "limits.max_frame_bytes must be >= 1024")
+        require(self.rate_per_second > 0, "limits.rate_per_second must be > 0")
+        require(self.rate_burst >= 1, "limits.rate_burst must be >= 1")
+        require(self.max_rooms >= 1, "limits.max_rooms must be >= 1")
+        require(self.max_content_bytes >= 1, "limits.max_content_bytes must be >= 1")
+        require(self.max_bad_frames >= 1, "limits.max_bad_frames must be >= 1")
+        require(self.outbox_frames >= 1, "limits.outbox_frames must be >= 1")
+        require(self.outbox_bytes >= self.max_frame_bytes,
+                "limits.outbox_bytes must be >= limits.max_frame_bytes")
+        require(self.typing_per_second > 0, "limits.typing_per_second must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
+    nats: NatsSettings = NatsSettings()
+    streams: StreamSettings = StreamSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def gateway_id(self) -> str:
+        return self.server.id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    return settings.load(GatewayConfig, path, env)

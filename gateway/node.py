@@ -1,0 +1,235 @@
+"""The gateway node: wires NATS, streams, the hub, the publisher and auth together.
+
+It owns everything that lives as long as the process: the NATS connection,
+stream epochs, background tasks, metrics. Connections reach shared state only
+through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from prometheus_client import CollectorRegistry
+
+from broker import natsconn, streams, subjects
+from gateway import disconnect
+from gateway.auth import Authenticator
+from gateway.config import GatewayConfig
+from gateway.errors import ErrorCode, ProtocolError
+from gateway.hub import Hub
+from gateway.metrics import GatewayMetrics
+from gateway.publisher import Publisher, unavailable
+from gateway.throttle import Coalescer
+from gateway.writer import Flusher
+
+log = structlog.get_logger("rtgate.gateway")
+
+
+class Node:
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.gateway_id = config.gateway_id
+        self.auth = Authenticator(config.auth)
+        self.metrics = GatewayMetrics(registry or CollectorRegistry())
+        self.epochs: dict[str, str] = {}
+        self.typing = Coalescer[tuple[str, str], dict[str, Any]](
+            1.0 / config.limits.typing_per_second)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._nc: Nats | None = None
+        self._hub: Hub | None = None
+        self._publisher: Publisher | None = None
+        self._flusher: Flusher | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._flusher = Flusher(loop, self.metrics.fanout_latency.observe)
+        flusher = self._flusher
+        self.metrics.watch_sent(lambda: (flusher.frames_sent, flusher.bytes_sent))
+        self._nc = await natsconn.connect(
+            self.config.nats,
+            f"rtgate-gateway {self.gateway_id}",
+            on_disconnected=self._on_nats_down,
+            on_reconnected=self._on_nats_up,
+        )
+        self.metrics.nats_connected.set(1)
+        await self._load_streams()
+        self._publisher = Publisher(self._nc, self.config.nats.ack_timeout)
+        await self._publisher.start()
+        self._hub = Hub(self._nc, self._flusher, self.room_epoch,
+                        self.metrics.rooms_subscribed.set)
+        await self._nc.subscribe(
+            subjects.control_gateway_subject(self.gateway_id) + ".>", cb=self._on_control)
+        await self._nc.subscribe(
+            subjects.control_gateway_subject(self.gateway_id), cb=self._on_control)
+        await self._nc.subscribe(subjects.CONTROL_USER_PREFIX + "*", cb=self._on_control)
+        self.spawn(self.metrics.streams.poll(
+            self._nc.jetstream(), self.config.streams, lambda: self.nats_connected))
+        self.spawn(self._housekeeping())
+        log.info("gateway started", gateway_id=self.gateway_id)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._publisher is not None:
+            self._publisher.fail_all()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await asyncio.wait_for(self._nc.drain(), timeout=5)
+            except Exception as exc:
+                log.warning("nats drain failed", error=repr(exc))
+                await self._nc.close()
+        log.info("gateway stopped", gateway_id=self.gateway_id)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a background task owned by the node (cancelled on stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- shared state ------------------------------------------------------------
+
+    @property
+    def nc(self) -> Nats:
+        assert self._nc is not None, "node not started"
+        return self._nc
+
+    @property
+    def hub(self) -> Hub:
+        assert self._hub is not None, "node not started"
+        return self._hub
+
+    @property
+    def publisher(self) -> Publisher:
+        assert self._publisher is not None, "node not started"
+        return self._publisher
+
+    @property
+    def flusher(self) -> Flusher:
+        assert self._flusher is not None, "node not started"
+        return self._flusher
+
+    @property
+    def nats_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def room_epoch(self) -> str:
+        return self.epochs[subjects.ROOMS_STREAM]
+
+    # -- NATS helpers ------------------------------------------------------------
+
+    async def direct_get(self, stream: str, **request: Any) -> Msg | None:
+        """One message by JetStream direct get, or None when there is none (404)."""
+        if not self.nats_connected:
+            raise unavailable()
+        try:
+            msg = await self.nc.request(
+                streams.direct_get_subject(stream),
+                streams.direct_get_request(**request),
+                timeout=self.config.nats.request_timeout,
+            )
+        except (TimeoutError, NatsTimeout) as exc:
+            raise unavailable("stream lookup timed out") from exc
+        except Exception as exc:
+            raise unavailable() from exc
+        status = msg.headers.get(subjects.HDR_STATUS) if msg.headers else None
+        if status == "404":
+            return None
+        if status is not None:
+            raise unavailable(f"stream lookup failed ({status})")
+        return msg
+
+    async def last_room_offset(self, room_id: str) -> int:
+        msg = await self.direct_get(
+            subjects.ROOMS_STREAM, last_by_subj=subjects.room_subject(room_id))
+        if msg is None or msg.headers is None:
+            return 0
+        return int(msg.headers[subjects.HDR_SEQUENCE])
+
+    async def stored_room_event(self, seq: int) -> dict[str, Any]:
+        """The stored event at ``seq`` in the rooms stream (without prevOffset)."""
+        msg = await self.direct_get(subjects.ROOMS_STREAM, seq=seq)
+        if msg is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "stored message vanished")
+        event: dict[str, Any] = json.loads(msg.data)
+        return event
+
+    async def publish_ephemeral(self, subject: str, event: dict[str, Any], origin: str) -> None:
+        if not self.nats_connected:
+            raise unavailable()
+        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        await self.nc.publish(subject, payload, headers={subjects.HDR_ORIGIN: origin})
+
+    async def _load_streams(self) -> None:
+        infos = await streams.ensure_streams(self.nc.jetstream(), self.config.streams)
+        self.epochs = {name: streams.epoch_of(info) for name, info in infos.items()}
+
+    async def _on_nats_down(self) -> None:
+        self.metrics.nats_connected.set(0)
+        if self._publisher is not None:
+            self._publisher.fail_all()
+
+    async def _on_nats_up(self) -> None:
+        # nats-py resubscribes every room by itself; the streams may have been
+        # recreated while we were away (new epoch), so read them again.
+        try:
+            await self._load_streams()
+        except Exception as exc:
+            log.error("stream provisioning after reconnect failed", error=repr(exc))
+        self.metrics.nats_connected.set(1)
+
+    async def _on_control(self, msg: Msg) -> None:
+        """Commands from backend services: ``{"type": "disconnect", "code", "reason"}``."""
+        try:
+            command = json.loads(msg.data)
+            kind = command["type"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed control message", subject=msg.subject)
+            return
+        if kind != "disconnect":
+            log.warning("unknown control command", subject=msg.subject, command=str(kind)[:64])
+            return
+        code = command.get("code", disconnect.REVOKED.code)
+        reason = str(command.get("reason", "disconnected by server"))[:100]
+        target = _control_target(msg.subject, self.gateway_id)
+        if target[0] == "user":
+            clients = self.hub.by_user(target[1])
+        elif target[0] == "conn":
+            client = self.hub.connections.get(target[1])
+            clients = [client] if client is not None else []
+        else:
+            clients = list(self.hub.connections.values())
+        chosen = next((d for d in disconnect.ALL if d.code == code), None)
+        if chosen is None:
+            chosen = disconnect.REVOKED
+        for client in clients:
+            client.close(disconnect.Disconnect(chosen.code, reason, chosen.reconnect))
+        log.info("control disconnect", target=target[0], count=len(clients), code=chosen.code)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.typing.forget_idle(time.monotonic())
+
+
+def _control_target(subject: str, gateway_id: str) -> tuple[str, str]:
+    if subject.startswith(subjects.CONTROL_USER_PREFIX):
+        return "user", subjects.decode_token(subject[len(subjects.CONTROL_USER_PREFIX):])
+    conn_prefix = subjects.control_gateway_subject(gateway_id) + ".conn."
+    if subject.startswith(conn_prefix):
+        return "conn", subjects.decode_token(subject[len(conn_prefix):])
+    return "gateway", gateway_id

@@ -1,0 +1,147 @@
+"""Protocol v1: the shape of frames and the validation of their data (sans-I/O).
+
+Everything here is synchronous and pure: it turns decoded maps into typed
+requests or raises ``ProtocolError`` with the code the client will see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any
+
+from gateway.errors import ErrorCode, ProtocolError
+
+MAX_ROOM_ID = 128
+MAX_USER_ID = 256
+MAX_CLIENT_ID = 64
+# Frame ids are echoed in acks; keep them within what JavaScript numbers hold exactly.
+MAX_FRAME_ID = 2**53 - 1
+
+# Every type a client may send, so metrics and errors never use client text as a label.
+CLIENT_TYPES = frozenset(
+    {"auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping"}
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    type: str
+    id: int | None
+    data: Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatMessage:
+    room_id: str
+    content: str
+    client_id: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Typing:
+    room_id: str
+    is_typing: bool
+
+
+def parse_frame(obj: Any) -> Frame:
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be a map")
+    kind = obj.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "a frame needs a string 'type'")
+    frame_id = obj.get("id")
+    if frame_id is not None and (
+        not isinstance(frame_id, int) or isinstance(frame_id, bool)
+        or not 0 <= frame_id <= MAX_FRAME_ID
+    ):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "'id' must be a non-negative integer")
+    return Frame(kind, frame_id, obj.get("data"))
+
+
+def is_valid_id(value: object, max_len: int) -> bool:
+    """1..max_len printable characters, none of them whitespace."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= max_len
+        and value.isprintable()
+        and not any(ch.isspace() for ch in value)
+    )
+
+
+def room_id(data: Any) -> str:
+    """``{roomId}`` or, as in the tutorial, a bare string."""
+    value = data.get("roomId") if isinstance(data, dict) else data
+    if not is_valid_id(value, MAX_ROOM_ID):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"roomId must be 1 to {MAX_ROOM_ID} printable characters without whitespace",
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def _map(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'data' must be a map")
+    return data
+
+
+def client_id(data: dict[str, Any]) -> str | None:
+    value = data.get("clientId")
+    if value is None:
+        return None
+    if not is_valid_id(value, MAX_CLIENT_ID):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"clientId must be 1 to {MAX_CLIENT_ID} printable characters without whitespace",
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def content(data: dict[str, Any], max_bytes: int) -> str:
+    value = data.get("content")
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'content' must be a string")
+    if len(value) > max_bytes or len(value.encode("utf-8")) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"content is over {max_bytes} bytes")
+    return value
+
+
+def chat_message(data: Any, max_content_bytes: int) -> ChatMessage:
+    d = _map(data)
+    return ChatMessage(room_id(d), content(d, max_content_bytes), client_id(d))
+
+
+def typing(data: Any) -> Typing:
+    d = _map(data)
+    is_typing = d.get("isTyping")
+    if not isinstance(is_typing, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'isTyping' must be a boolean")
+    return Typing(room_id(d), is_typing)
+
+
+def auth_token(data: Any) -> str:
+    token = _map(data).get("token")
+    if not isinstance(token, str) or not token:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'token' must be a non-empty string")
+    return token
+
+
+def ack_ok(frame_id: int, data: Any) -> dict[str, Any]:
+    return {"type": "ack", "id": frame_id, "ok": True, "data": data}
+
+
+def ack_error(frame_id: int, error: ProtocolError) -> dict[str, Any]:
+    return {"type": "ack", "id": frame_id, "ok": False, "error": error.as_dict()}
+
+
+def error_frame(error: ProtocolError) -> dict[str, Any]:
+    return {"type": "error", "data": error.as_dict()}
+
+
+def timestamp(epoch_seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds, as every event carries."""
+    moment = datetime.datetime.fromtimestamp(epoch_seconds, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

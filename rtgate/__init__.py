@@ -1,0 +1,1 @@
+"""rtgate: the command line that runs the gateway and broker services."""

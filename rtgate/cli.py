@@ -1,0 +1,243 @@
+"""`rtgate`: run a gateway, a broker, the whole system for development, or mint a token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker.settings import ConfigError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (examples: 90, 30m, 1h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rtgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("gateway", help="run one WebSocket gateway")
+    p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
+
+    p = sub.add_parser("broker", help="run the broker service")
+    p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
+
+    p = sub.add_parser("dev", help="run NATS, a gateway and the broker locally")
+    p.add_argument("--state-dir", default=".rtgate", help="where NATS and the broker keep data")
+    p.add_argument("--nats-url", help="use this NATS instead of starting one")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--broker-port", type=int, default=8090, help="broker HTTP port")
+    p.add_argument("--user", default="alice", help="user of the printed dev token")
+
+    p = sub.add_parser("token", help="mint a signed JWT with the configured secret")
+    p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
+    p.add_argument("--user", required=True, help="user id (sub)")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--ttl", type=parse_duration, default=3600.0, help="lifetime, e.g. 1h")
+    p.add_argument("--rooms", type=_patterns, help="rooms it may join, e.g. 'lobby,team-*'")
+    p.add_argument("--publish", type=_patterns,
+                   help="rooms it may post to (default: as --rooms; '' for receive-only)")
+    p.add_argument("--admin", action="store_true", help="may broadcast to everyone")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "gateway":
+            _run_gateway(args.config)
+        elif args.command == "broker":
+            _run_broker(args.config)
+        elif args.command == "dev":
+            sys.exit(_run_dev(args))
+        elif args.command == "token":
+            _token(args)
+    except ConfigError as exc:
+        print(f"rtgate: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _serve(app_factory: str, config_path: str | None) -> None:
+    from aiohttp import web
+
+    from broker import logs
+    from broker.natsconn import NatsVersionError
+
+    if app_factory == "gateway":
+        from gateway import config as gconfig
+        from gateway.app import create_app as gateway_app
+
+        gcfg = gconfig.load(config_path)
+        logs.configure(gcfg.log, "gateway")
+        app = gateway_app(gcfg)
+        host, port = gcfg.server.host, gcfg.server.port
+    else:
+        from broker import config as bconfig
+        from broker.service import create_app as broker_app
+
+        bcfg = bconfig.load(config_path)
+        logs.configure(bcfg.log, "broker")
+        app = broker_app(bcfg)
+        host, port = bcfg.broker.host, bcfg.broker.port
+    _use_uvloop()
+    try:
+        web.run_app(app, host=host, port=port, print=None, access_log=None,
+                    shutdown_timeout=5)
+    except NatsVersionError as exc:
+        print(f"rtgate {app_factory}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        print(f"rtgate {app_factory}: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_gateway(config_path: str | None) -> None:
+    _serve("gateway", config_path)
+
+
+def _run_broker(config_path: str | None) -> None:
+    _serve("broker", config_path)
+
+
+def _token(args: argparse.Namespace) -> None:
+    from gateway import config as gconfig
+    from gateway.auth import mint
+
+    cfg = gconfig.load(args.config)
+    print(mint(cfg.auth, args.user, name=args.name, ttl_seconds=args.ttl, rooms=args.rooms,
+               publish=args.publish, admin=args.admin))
+
+
+def _wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout}s")
+        time.sleep(0.1)
+
+
+def _run_dev(args: argparse.Namespace) -> int:
+    from gateway.auth import mint
+    from gateway.config import AuthSettings
+    from rtgate.natsserver import NatsServer, env_without_rtgate
+
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    secret_file = state / "dev-secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32))
+        secret_file.chmod(0o600)
+    secret = secret_file.read_text().strip()
+
+    nats: NatsServer | None = None
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if args.nats_url:
+            nats_url = args.nats_url
+        else:
+            nats = NatsServer(state / "nats", log_file=state / "nats-server.log")
+            nats.start()
+            nats_url = nats.url
+        env = env_without_rtgate({
+            "RTGATE_NATS__URLS": nats_url,
+            "RTGATE_AUTH__SECRET": secret,
+            "RTGATE_SERVER__PORT": str(args.port),
+            "RTGATE_SERVER__ID": "dev-gateway-1",
+            "RTGATE_BROKER__PORT": str(args.broker_port),
+            "RTGATE_BROKER__STATE_DIR": str(state / "broker"),
+            "RTGATE_BROKER__ID": "dev-broker-1",
+        })
+        for name in ("broker", "gateway"):
+            proc = subprocess.Popen([sys.executable, "-m", name], env=env,
+                                    stdin=subprocess.DEVNULL)
+            children.append((name, proc))
+        _wait_ready(f"http://127.0.0.1:{args.broker_port}/readyz", 20, children[0][1])
+        _wait_ready(f"http://127.0.0.1:{args.port}/readyz", 20, children[1][1])
+        token = mint(AuthSettings(secret=secret), args.user, name=args.user.capitalize(),
+                     ttl_seconds=7 * 86400)
+        print(_banner(args, nats_url, token, secret), flush=True)
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"rtgate dev: {name} exited with {proc.returncode}; stopping",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"rtgate dev: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _name, proc in children:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if nats is not None:
+            nats.stop()
+        print("rtgate dev: stopped", file=sys.stderr)
+
+
+def _banner(args: argparse.Namespace, nats_url: str, token: str, secret: str) -> str:
+    ws = f"ws://127.0.0.1:{args.port}/ws"
+    return "\n".join([
+        "",
+        "rtgate is running",
+        f"  WebSocket   {ws}",
+        f"  dev token   {token}",
+        f"              (user {args.user!r}, valid 7 days; connect to {ws}?token=<token>)",
+        f"  more tokens RTGATE_AUTH__SECRET={secret} rtgate token --user bob",
+        f"  metrics     http://127.0.0.1:{args.port}/metrics (gateway), "
+        f"http://127.0.0.1:{args.broker_port}/metrics (broker)",
+        f"  NATS        {nats_url}",
+        f"  state       {Path(args.state_dir).resolve()}",
+        "Press Ctrl-C to stop.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -56,16 +56,20 @@ class NatsServer:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.log_file = log_file
+        self.monitor_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, monitor: bool = False) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
                 "-sd", str(self.store_dir), "--server_name", f"rtgate-{self.port}"]
+        if monitor:
+            self.monitor_port = self.monitor_port or free_port()
+            args += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL,

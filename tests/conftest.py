@@ -1,0 +1,116 @@
+"""Fixtures: real nats-server processes on free ports, real gateways, real sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from broker.settings import NatsSettings, StreamSettings
+from gateway.app import NODE, create_app
+from gateway.auth import mint
+from gateway.config import AuthSettings, GatewayConfig, LimitSettings, ServerSettings
+from gateway.node import Node
+from rtgate.natsserver import NatsServer
+from tests.wsclient import WsClient
+
+SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start(monitor=True)
+    yield server
+    server.stop()
+
+
+def gateway_config(nats_url: str, gateway_id: str = "gw1", **sections: dict[str, Any]
+                   ) -> GatewayConfig:
+    """A test gateway config; ``sections`` override fields, e.g. limits={"max_rooms": 2}."""
+    base = GatewayConfig(
+        server=ServerSettings(id=gateway_id, heartbeat_seconds=30),
+        auth=AuthSettings(secret=SECRET, timeout_seconds=5),
+        nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, ack_timeout=3,
+                          request_timeout=2),
+        streams=StreamSettings(stats_interval_seconds=0.5),
+        limits=LimitSettings(),
+    )
+    changes = {name: dataclasses.replace(getattr(base, name), **fields)
+               for name, fields in sections.items()}
+    return dataclasses.replace(base, **changes)
+
+
+class Gateway:
+    def __init__(self, server: TestServer, app: web.Application) -> None:
+        self.server = server
+        self.app = app
+
+    @property
+    def node(self) -> Node:
+        return self.app[NODE]
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/ws"))
+
+    def http(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(nats_server: NatsServer) -> AsyncIterator[GatewayFactory]:
+    servers: list[TestServer] = []
+
+    async def make(gateway_id: str = "gw1", nats_url: str | None = None,
+                   **sections: dict[str, Any]) -> Gateway:
+        config = gateway_config(nats_url or nats_server.url, gateway_id, **sections)
+        app = create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Gateway(server, app)
+
+    yield make
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway()
+
+
+def token(user: str = "alice", **kwargs: Any) -> str:
+    return mint(AuthSettings(secret=SECRET), user, **kwargs)
+
+
+ClientFactory = Callable[..., Awaitable[WsClient]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[ClientFactory]:
+    """Open authenticated clients (welcome consumed) and close them all at the end."""
+    clients: list[WsClient] = []
+
+    async def open_client(gw: Gateway, user: str = "alice", *, welcome: bool = True,
+                          msgpack_: bool = False, token_: str | None = None, **kwargs: Any
+                          ) -> WsClient:
+        tok = token_ if token_ is not None else token(user, **kwargs)
+        client = await WsClient.connect(gw.url, token=tok, msgpack_=msgpack_)
+        clients.append(client)
+        if welcome:
+            await client.next("welcome")
+        return client
+
+    yield open_client
+    for client in clients:
+        await client.close()

@@ -33,6 +33,8 @@ log = structlog.get_logger("rtgate.hub")
 # Stored events whose copy to the publishing connection is renamed, as in the
 # tutorial: the sender sees its own message as "chat:message:sent".
 _SENT_VARIANT = {"chat:message": "chat:message:sent"}
+# Messages fanned out per subscription before letting the loop run the flusher.
+_YIELD_EVERY = 32
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -141,8 +143,20 @@ class Hub:
     # -- fan-out -------------------------------------------------------------
 
     def _room_callback(self, room: Room) -> Callable[[Msg], Any]:
+        since_yield = 0
+
         async def on_message(msg: Msg) -> None:
+            nonlocal since_yield
             self.deliver(room.members, msg)
+            # nats-py hands a burst of queued messages to this callback without
+            # returning to the event loop, so nothing would be written until the
+            # burst ends. Yielding now and then lets the flusher write (frames
+            # still merge: up to this many per socket per write) and keeps
+            # queues bounded by the burst slice, not the whole burst.
+            since_yield += 1
+            if since_yield >= _YIELD_EVERY:
+                since_yield = 0
+                await asyncio.sleep(0)
 
         return on_message
 

@@ -14,6 +14,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+# Pending frames that are written at once, without waiting for the end of the
+# loop iteration, when the peer's transport buffer is empty.
+_EAGER_FRAMES = 32
+
 
 class Writer:
     __slots__ = (
@@ -51,14 +55,18 @@ class Writer:
         frames = self._frames
         frames.append(frame)
         self._bytes += len(frame)
-        if (
-            len(frames) > self._max_frames
-            or self._bytes + self._transport.get_write_buffer_size() > self._max_bytes
-        ):
+        count = len(frames)
+        buffered = self._transport.get_write_buffer_size()
+        if count >= _EAGER_FRAMES and buffered == 0:
+            # A burst is being handled without returning to the loop, and the
+            # peer keeps up (nothing waits in the transport): write the batch now.
+            self.flush()
+            return True
+        if count > self._max_frames or self._bytes + buffered > self._max_bytes:
             self.close()
             self._on_overflow()
             return False
-        if len(frames) == 1:
+        if count == 1:
             self._flusher.mark(self)
         return True
 
@@ -68,21 +76,23 @@ class Writer:
         self._frames.clear()
         self._bytes = 0
 
-    def flush(self) -> tuple[int, int]:
-        """Write everything pending in one call; returns (frames, bytes) written."""
+    def flush(self) -> None:
+        """Write everything pending in one call."""
         frames = self._frames
         count = len(frames)
         if not count or self.closed:
-            return 0, 0
+            return
         transport = self._transport
         if transport.is_closing():
             self.close()
-            return 0, 0
+            return
         data = frames[0] if count == 1 else b"".join(frames)
         self._frames = []
         self._bytes = 0
         transport.write(data)
-        return count, len(data)
+        flusher = self._flusher
+        flusher.frames_sent += count
+        flusher.bytes_sent += len(data)
 
     @property
     def pending_frames(self) -> int:
@@ -137,13 +147,8 @@ class Flusher:
         self._scheduled = False
         dirty = self._dirty
         self._dirty = []
-        frames = sent = 0
         for writer in dirty:
-            f, b = writer.flush()
-            frames += f
-            sent += b
-        self.frames_sent += frames
-        self.bytes_sent += sent
+            writer.flush()
         if self._stamps:
             stamps = self._stamps
             self._stamps = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import urllib.request
 
@@ -75,7 +76,7 @@ async def test_offsets_increase_and_prev_offset_chains_per_room(
         offsets = [m["offset"] for m in chain]
         assert offsets == sorted(offsets)
         assert chain[0]["prevOffset"] == 0
-        for prev, cur in zip(chain, chain[1:], strict=False):
+        for prev, cur in itertools.pairwise(chain):
             assert cur["prevOffset"] == prev["offset"]
     own = [f["data"] for f in a.take("chat:message:sent")]
     assert sorted(m["offset"] for m in own) == list(range(1, 7))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from typing import Any
@@ -135,10 +136,8 @@ class WsClient:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no {kind} {match} within {timeout}s; have {self.frames}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new.wait(), remaining)
-            except TimeoutError:
-                pass
 
     def take(self, kind: str) -> list[dict[str, Any]]:
         """Every received frame of ``kind`` so far, consumed."""

@@ -55,7 +55,6 @@ class Authenticator:
 
     def verify(self, token: str) -> Identity:
         s = self._settings
-        options: dict[str, Any] = {"require": ["sub"], "verify_aud": bool(s.audience)}
         try:
             claims = jwt.decode(
                 token,
@@ -64,7 +63,7 @@ class Authenticator:
                 audience=s.audience or None,
                 issuer=s.issuer or None,
                 leeway=s.leeway_seconds,
-                options=options,
+                options={"require": ["sub"], "verify_aud": bool(s.audience)},
             )
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc

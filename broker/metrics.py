@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import structlog
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Gauge
 
+from broker.background import Background
 from broker.settings import StreamSettings
 from broker.streams import specs
 
@@ -29,10 +29,10 @@ class StreamMetrics:
                           registry=registry)
 
     async def poll(self, js: JetStreamContext, settings: StreamSettings,
-                   is_connected: Callable[[], bool]) -> None:
-        """Refresh the gauges every ``stats_interval_seconds`` until cancelled."""
+                   is_connected: Callable[[], bool], background: Background) -> None:
+        """Refresh the gauges every ``stats_interval_seconds`` until the owner stops."""
         warned: set[str] = set()
-        while True:
+        while not background.stopping:
             if is_connected():
                 for spec in specs(settings):
                     try:
@@ -51,5 +51,5 @@ class StreamMetrics:
                                     stream=spec.name, bytes=used, max_bytes=spec.max_bytes)
                     elif ratio < FILL_WARNING:
                         warned.discard(spec.name)
-            await asyncio.sleep(settings.stats_interval_seconds)
+            await background.sleep(settings.stats_interval_seconds)
 

@@ -7,8 +7,6 @@ service in later issues. What is here already is the lifecycle they plug into.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -16,6 +14,7 @@ from nats.aio.client import Client as Nats
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from broker import natsconn, streams
+from broker.background import Background
 from broker.config import BrokerConfig
 from broker.metrics import StreamMetrics
 
@@ -32,7 +31,7 @@ class Broker:
         self.stream_metrics = StreamMetrics(self.registry)
         self.epochs: dict[str, str] = {}
         self._nc: Nats | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background()
 
     @property
     def connected(self) -> bool:
@@ -44,17 +43,12 @@ class Broker:
             on_disconnected=self._down, on_reconnected=self._up)
         self.nats_connected.set(1)
         await self._provision()
-        task = asyncio.get_running_loop().create_task(self.stream_metrics.poll(
-            self._nc.jetstream(), self.config.streams, lambda: self.connected))
-        self._tasks.add(task)
+        self.background.spawn(self.stream_metrics.poll(
+            self._nc.jetstream(), self.config.streams, lambda: self.connected, self.background))
         log.info("broker started", broker_id=self.broker_id, epochs=self.epochs)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await self.background.stop()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), timeout=5)

@@ -8,7 +8,6 @@ through it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Coroutine
@@ -21,6 +20,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from prometheus_client import CollectorRegistry
 
 from broker import natsconn, streams, subjects
+from broker.background import Background
 from gateway import disconnect
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
@@ -43,7 +43,7 @@ class Node:
         self.epochs: dict[str, str] = {}
         self.typing = Coalescer[tuple[str, str], dict[str, Any]](
             1.0 / config.limits.typing_per_second)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.background = Background()
         self._nc: Nats | None = None
         self._hub: Hub | None = None
         self._publisher: Publisher | None = None
@@ -74,16 +74,13 @@ class Node:
             subjects.control_gateway_subject(self.gateway_id), cb=self._on_control)
         await self._nc.subscribe(subjects.CONTROL_USER_PREFIX + "*", cb=self._on_control)
         self.spawn(self.metrics.streams.poll(
-            self._nc.jetstream(), self.config.streams, lambda: self.nats_connected))
+            self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
+            self.background))
         self.spawn(self._housekeeping())
         log.info("gateway started", gateway_id=self.gateway_id)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await self.background.stop()
         if self._publisher is not None:
             self._publisher.fail_all()
         if self._nc is not None and not self._nc.is_closed:
@@ -95,11 +92,8 @@ class Node:
         log.info("gateway stopped", gateway_id=self.gateway_id)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run a background task owned by the node (cancelled on stop)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        """Run a background task owned by the node (stopped with it)."""
+        return self.background.spawn(coro)
 
     # -- shared state ------------------------------------------------------------
 
@@ -221,8 +215,7 @@ class Node:
         log.info("control disconnect", target=target[0], count=len(clients), code=chosen.code)
 
     async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(10)
+        while await self.background.sleep(10):
             self.typing.forget_idle(time.monotonic())
 
 

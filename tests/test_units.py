@@ -141,10 +141,10 @@ def test_settings_file(tmp_path: object) -> None:
     cfg = settings.load(GatewayConfig, path, {"RTGATE_LIMITS__MAX_ROOMS": "8"})
     assert cfg.server.port == 81 and cfg.limits.max_rooms == 8  # env wins over file
     path.write_text('[server]\nport = "81"\n')
-    with pytest.raises(settings.ConfigError, match="server.port: expected int"):
+    with pytest.raises(settings.ConfigError, match=r"server\.port: expected int"):
         settings.load(GatewayConfig, path, {})
     path.write_text('[server]\nhost = "x"\nbogus = 1\n')
-    with pytest.raises(settings.ConfigError, match="server.bogus"):
+    with pytest.raises(settings.ConfigError, match=r"server\.bogus"):
         settings.load(GatewayConfig, path, {})
     with pytest.raises(settings.ConfigError, match="not found"):
         settings.load(GatewayConfig, Path(str(tmp_path)) / "missing.toml", {})

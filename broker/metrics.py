@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import structlog
 from nats.js import JetStreamContext
+from nats.js.api import StreamInfo
 from prometheus_client import CollectorRegistry, Gauge
 
 from broker.background import Background
@@ -29,7 +30,8 @@ class StreamMetrics:
                           registry=registry)
 
     async def poll(self, js: JetStreamContext, settings: StreamSettings,
-                   is_connected: Callable[[], bool], background: Background) -> None:
+                   is_connected: Callable[[], bool], background: Background,
+                   on_info: Callable[[StreamInfo], None] | None = None) -> None:
         """Refresh the gauges every ``stats_interval_seconds`` until the owner stops."""
         warned: set[str] = set()
         while not background.stopping:
@@ -40,6 +42,8 @@ class StreamMetrics:
                     except Exception as exc:  # a missed sample is not worth more than a line
                         log.debug("stream info failed", stream=spec.name, error=repr(exc))
                         continue
+                    if on_info is not None:
+                        on_info(info)
                     used = info.state.bytes
                     ratio = used / spec.max_bytes if spec.max_bytes > 0 else 0.0
                     self.bytes.labels(spec.name).set(used)

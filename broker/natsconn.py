@@ -56,6 +56,7 @@ async def connect(
         if on_error is not None:
             await on_error(exc)
 
+    log.info("connecting to nats", servers=list(settings.urls))
     options: dict[str, object] = {}
     if settings.user:
         options["user"] = settings.user

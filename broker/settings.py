@@ -72,6 +72,12 @@ class LogSettings:
     # "auto" is JSON lines when stderr is not a TTY, readable console otherwise.
     format: str = "auto"
 
+    def __post_init__(self) -> None:
+        require(self.level.lower() in ("debug", "info", "warning", "error"),
+                "log.level must be debug, info, warning or error")
+        require(self.format in ("auto", "json", "console"),
+                "log.format must be auto, json or console")
+
 
 def load(cls: type[T], path: str | os.PathLike[str] | None = None,
          env: Mapping[str, str] | None = None) -> T:

@@ -28,6 +28,10 @@ from broker import subjects
 from broker.settings import StreamSettings
 
 
+class StreamError(RuntimeError):
+    """A stream could not be provisioned; the message says why."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StreamSpec:
     name: str
@@ -95,10 +99,19 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> dict
             try:
                 infos[spec.name] = await js.add_stream(config)
                 continue
-            except Exception:
-                # Another service created it between our look-up and our add.
-                await js.stream_info(spec.name)
-        infos[spec.name] = await js.update_stream(config)
+            except Exception as exc:
+                # Another service may have created it between our look-up and our
+                # add; if not, the add's own error is the one worth reporting.
+                try:
+                    await js.stream_info(spec.name)
+                except NotFoundError:
+                    raise StreamError(f"cannot create stream {spec.name}: {exc}") from exc
+        try:
+            infos[spec.name] = await js.update_stream(config)
+        except Exception as exc:
+            raise StreamError(f"cannot update stream {spec.name} to this configuration "
+                              f"(some settings, like replicas or storage, cannot change "
+                              f"in place): {exc}") from exc
     return infos
 
 

@@ -116,9 +116,15 @@ def presence_subject(event: str, gateway_id: str) -> str:
     return f"{PRESENCE_PREFIX}{event}.{encode_token(gateway_id)}"
 
 
-def dedup_id(user_id: str, client_id: str) -> str:
-    """The ``Nats-Msg-Id`` of a client retry: unique per user, so clientIds never collide."""
-    return f"{encode_token(user_id)}:{client_id}"
+def dedup_id(user_id: str, target: str, client_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a client retry.
+
+    Scoped to the user (two users' clientIds never collide) and to the target
+    (a room id, or the recipient of a direct message): the stream checks ids
+    across all its subjects, and a clientId reused for another room must be a
+    new message, not an ack for the old one.
+    """
+    return f"{encode_token(user_id)}:{encode_token(target)}:{client_id}"
 
 
 def message_id(epoch: str, offset: int) -> str:

@@ -9,7 +9,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import codec
+from gateway import codec, disconnect
 from gateway.auth import AuthError, Identity
 from gateway.client import Client
 from gateway.config import DEV_SECRET, GatewayConfig
@@ -46,8 +46,6 @@ async def _start(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    from gateway import disconnect
-
     for client in list(app[NODE].hub.connections.values()):
         client.close(disconnect.RESTART)
 
@@ -104,8 +102,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     client.start(identity)
     try:
         async for msg in ws:
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                await client.receive(msg.data)
+            if msg.type is WSMsgType.BINARY:
+                await client.receive(msg.data, False)
+            elif msg.type is WSMsgType.TEXT:
+                await client.receive(msg.data, True)
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp has already sent the close (1009 for an oversized frame).
+                client.record_close(getattr(msg.data, "code", None) or ws.close_code)
     finally:
         client.finish()
         node.metrics.connections.dec()

@@ -84,7 +84,14 @@ class Client:
         self.writer.close()
         self._cancel_timers()
         self.node.metrics.closes.labels(str(reason.code)).inc()
-        self.node.spawn(self.ws.close(code=reason.code, message=reason.reason.encode()))
+        self.node.spawn(self.ws.close(code=reason.code, message=disconnect.reason_bytes(reason)))
+
+    def record_close(self, code: int | None) -> None:
+        """aiohttp closed the socket itself (protocol error, oversized frame)."""
+        if self.closing is None and code is not None:
+            match = next((d for d in disconnect.ALL if d.code == code), None)
+            self.closing = match or Disconnect(code, "protocol error", disconnect.Reconnect.NEVER)
+            self.node.metrics.closes.labels(str(code)).inc()
 
     def finish(self) -> None:
         """The socket is gone: release everything it held."""
@@ -99,13 +106,18 @@ class Client:
 
     # -- inbound ---------------------------------------------------------------
 
-    async def receive(self, raw: str | bytes) -> None:
-        """Handle one inbound WebSocket message."""
+    async def receive(self, raw: bytes, text: bool) -> None:
+        """Handle one inbound WebSocket message (``text``: it came in a text frame)."""
         if self.closing is not None:
             return
         metrics = self.node.metrics
         metrics.bytes_received.inc(len(raw))
+        # Every message spends a token, malformed ones too: garbage is no way
+        # around the rate limit.
+        allowed = self._bucket.take(time.monotonic())
         try:
+            if text and self.fmt is WireFormat.MSGPACK:
+                raise ProtocolError(ErrorCode.BAD_FRAME, "text frame on a msgpack connection")
             frame = protocol.parse_frame(codec.decode(self.fmt, raw))
         except ProtocolError as exc:
             metrics.frames_received.labels("invalid").inc()
@@ -114,7 +126,7 @@ class Client:
         self._bad_frames = 0
         kind = frame.type
         metrics.frames_received.labels(kind if kind in protocol.CLIENT_TYPES else "unknown").inc()
-        if not self._bucket.take(time.monotonic()):
+        if not allowed:
             self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED,
                                             "too many frames, slow down"))
             return
@@ -167,7 +179,8 @@ class Client:
         self._cancel_timer("auth")
         self._cancel_timer("expiry")
         if identity.expires_at is not None:
-            self._set_timer("expiry", max(0.0, identity.expires_at - time.time()),
+            grace = self.node.config.auth.leeway_seconds
+            self._set_timer("expiry", max(0.0, identity.expires_at + grace - time.time()),
                             self.close, disconnect.TOKEN_EXPIRED)
         if first:
             log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
@@ -183,7 +196,7 @@ class Client:
             "username": self.identity.username,
             "gatewayId": self.node.gateway_id,
             "heartbeatSeconds": cfg.server.heartbeat_seconds,
-            "dedupWindowSeconds": cfg.streams.duplicate_window_seconds,
+            "dedupWindowSeconds": self.node.dedup_window,
             "limits": {
                 "ratePerSecond": cfg.limits.rate_per_second,
                 "rateBurst": cfg.limits.rate_burst,
@@ -228,7 +241,8 @@ class Client:
         node = self.node
         if not node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
-        if room_id not in self.rooms:
+        rejoin = room_id in self.rooms
+        if not rejoin:
             if len(self.rooms) >= node.config.limits.max_rooms:
                 raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                     f"at most {node.config.limits.max_rooms} rooms per connection")
@@ -239,7 +253,8 @@ class Client:
         try:
             offset = await node.last_room_offset(room_id)
         except ProtocolError:
-            node.hub.leave(self, room_id)
+            if not rejoin:
+                node.hub.leave(self, room_id)
             raise
         return {"roomId": room_id, "offset": offset, "epoch": node.room_epoch()}
 
@@ -263,7 +278,8 @@ class Client:
         }
         headers = {subjects.HDR_ORIGIN: self.key}
         if msg.client_id is not None:
-            headers[subjects.HDR_MSG_ID] = subjects.dedup_id(self.identity.user_id, msg.client_id)
+            headers[subjects.HDR_MSG_ID] = subjects.dedup_id(
+                self.identity.user_id, msg.room_id, msg.client_id)
         payload = codec.encode_payload(WireFormat.JSON, {"type": "chat:message", "data": body})
         started = time.perf_counter()
         future = await self.node.publisher.publish(
@@ -332,7 +348,8 @@ class Client:
     def _release_typing(self, key: tuple[str, str], room_id: str) -> None:
         node = self.node
         sent, event = node.typing.release(key, time.monotonic())
-        if sent and event is not None and node.nats_connected:
+        still_member = self.closing is None and room_id in self.rooms
+        if sent and event is not None and still_member and node.nats_connected:
             node.spawn(node.publish_ephemeral(subjects.live_room_subject(room_id), event,
                                               self.key))
 

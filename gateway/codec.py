@@ -60,8 +60,6 @@ def decode(fmt: WireFormat, data: str | bytes) -> Any:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(ErrorCode.BAD_FRAME, "malformed JSON") from exc
-    if isinstance(data, str):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "text frame on a msgpack connection")
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated exception types

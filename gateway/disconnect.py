@@ -42,3 +42,14 @@ ALL: tuple[Disconnect, ...] = (
     NORMAL, BAD_FRAMES, POLICY, TOO_BIG, INTERNAL, RESTART, SLOW_CONSUMER,
     BAD_TOKEN, REVOKED, AUTH_TIMEOUT, TOO_MANY_CONNECTIONS,
 )
+
+
+def reason_bytes(reason: Disconnect) -> bytes:
+    """The close reason as sent: at most 123 UTF-8 bytes, cut on a character boundary.
+
+    A close frame's payload is limited to 125 bytes, two of which are the code.
+    """
+    data = reason.reason.encode("utf-8")
+    if len(data) <= 123:
+        return data
+    return data[:123].decode("utf-8", errors="ignore").encode("utf-8")

@@ -17,6 +17,7 @@ import structlog
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import StreamInfo
 from prometheus_client import CollectorRegistry
 
 from broker import natsconn, streams, subjects
@@ -41,6 +42,8 @@ class Node:
         self.auth = Authenticator(config.auth)
         self.metrics = GatewayMetrics(registry or CollectorRegistry())
         self.epochs: dict[str, str] = {}
+        # What the rooms stream really uses; another service may have set it.
+        self.dedup_window = config.streams.duplicate_window_seconds
         self.typing = Coalescer[tuple[str, str], dict[str, Any]](
             1.0 / config.limits.typing_per_second)
         self.background = Background()
@@ -48,6 +51,7 @@ class Node:
         self._hub: Hub | None = None
         self._publisher: Publisher | None = None
         self._flusher: Flusher | None = None
+        self._reprovisioning: asyncio.Task[Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -64,18 +68,19 @@ class Node:
         )
         self.metrics.nats_connected.set(1)
         await self._load_streams()
-        self._publisher = Publisher(self._nc, self.config.nats.ack_timeout)
+        self._publisher = Publisher(self._nc, self.config.nats.ack_timeout,
+                                    self._reprovision_soon)
         await self._publisher.start()
         self._hub = Hub(self._nc, self._flusher, self.room_epoch,
                         self.metrics.rooms_subscribed.set)
         await self._nc.subscribe(
-            subjects.control_gateway_subject(self.gateway_id) + ".>", cb=self._on_control)
+            subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control)
         await self._nc.subscribe(
             subjects.control_gateway_subject(self.gateway_id), cb=self._on_control)
         await self._nc.subscribe(subjects.CONTROL_USER_PREFIX + "*", cb=self._on_control)
         self.spawn(self.metrics.streams.poll(
             self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
-            self.background))
+            self.background, self._on_stream_info))
         self.spawn(self._housekeeping())
         log.info("gateway started", gateway_id=self.gateway_id)
 
@@ -170,7 +175,36 @@ class Node:
 
     async def _load_streams(self) -> None:
         infos = await streams.ensure_streams(self.nc.jetstream(), self.config.streams)
-        self.epochs = {name: streams.epoch_of(info) for name, info in infos.items()}
+        for info in infos.values():
+            self._on_stream_info(info)
+
+    def _reprovision_soon(self) -> None:
+        """A publish found no stream (deleted by hand?): create the streams again, once."""
+        if self._reprovisioning is not None and not self._reprovisioning.done():
+            return
+
+        async def reprovision() -> None:
+            log.warning("a stream is missing; provisioning the streams again")
+            try:
+                await self._load_streams()
+            except Exception as exc:
+                log.error("stream provisioning failed", error=repr(exc))
+            await self.background.sleep(2)  # at most one attempt per two seconds
+
+        self._reprovisioning = self.spawn(reprovision())
+
+    def _on_stream_info(self, info: StreamInfo) -> None:
+        # A stream deleted and created again while we stayed connected has a new
+        # epoch; the periodic stats read notices within stats_interval_seconds.
+        name = info.config.name
+        assert name is not None
+        epoch = streams.epoch_of(info)
+        old = self.epochs.get(name)
+        if old is not None and old != epoch:
+            log.warning("stream was recreated: new epoch", stream=name, old=old, new=epoch)
+        self.epochs[name] = epoch
+        if name == subjects.ROOMS_STREAM and info.config.duplicate_window is not None:
+            self.dedup_window = float(info.config.duplicate_window)
 
     async def _on_nats_down(self) -> None:
         self.metrics.nats_connected.set(0)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -36,8 +37,10 @@ def unavailable(message: str = "messaging backbone unavailable, try again") -> P
 
 
 class Publisher:
-    def __init__(self, nc: Client, ack_timeout: float) -> None:
+    def __init__(self, nc: Client, ack_timeout: float,
+                 on_no_stream: Callable[[], None] | None = None) -> None:
         self._nc = nc
+        self._on_no_stream = on_no_stream
         self._ack_timeout = ack_timeout
         self._pending: dict[str, tuple[asyncio.Future[PubAck], asyncio.TimerHandle]] = {}
         self._counter = itertools.count(1)
@@ -83,6 +86,8 @@ class Publisher:
         headers = msg.headers
         if headers and headers.get(HDR_STATUS) == "503":
             self._settle(token, None, unavailable("no stream accepts this subject"))
+            if self._on_no_stream is not None:
+                self._on_no_stream()
             return
         try:
             reply = json.loads(msg.data)

@@ -83,9 +83,11 @@ def _use_uvloop() -> None:
 
 def _serve(app_factory: str, config_path: str | None) -> None:
     from aiohttp import web
+    from nats.errors import NoServersError
 
     from broker import logs
     from broker.natsconn import NatsVersionError
+    from broker.streams import StreamError
 
     if app_factory == "gateway":
         from gateway import config as gconfig
@@ -95,6 +97,7 @@ def _serve(app_factory: str, config_path: str | None) -> None:
         logs.configure(gcfg.log, "gateway")
         app = gateway_app(gcfg)
         host, port = gcfg.server.host, gcfg.server.port
+        nats_urls = gcfg.nats.urls
     else:
         from broker import config as bconfig
         from broker.service import create_app as broker_app
@@ -103,13 +106,18 @@ def _serve(app_factory: str, config_path: str | None) -> None:
         logs.configure(bcfg.log, "broker")
         app = broker_app(bcfg)
         host, port = bcfg.broker.host, bcfg.broker.port
+        nats_urls = bcfg.nats.urls
     _use_uvloop()
     try:
         web.run_app(app, host=host, port=port, print=None, access_log=None,
                     shutdown_timeout=5)
-    except NatsVersionError as exc:
+    except (NatsVersionError, StreamError) as exc:
         print(f"rtgate {app_factory}: {exc}", file=sys.stderr)
         sys.exit(2)
+    except NoServersError:
+        print(f"rtgate {app_factory}: cannot reach NATS at {', '.join(nats_urls)}; is "
+              "nats-server running with JetStream? (rtgate dev starts one)", file=sys.stderr)
+        sys.exit(1)
     except OSError as exc:
         print(f"rtgate {app_factory}: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -134,3 +134,13 @@ async def test_slow_consumer_is_closed_and_others_keep_receiving(
     slow.ws._response.connection.transport.resume_reading()  # type: ignore[union-attr]
     assert await slow.wait_closed(timeout=10) == 1013
     assert sum(1 for f in slow.frames if f["type"] == "chat:message") < total
+
+
+async def test_malformed_frames_spend_rate_tokens(make_gateway: GatewayFactory,
+                                                  connect: ClientFactory) -> None:
+    gw = await make_gateway(limits={"rate_per_second": 0.5, "rate_burst": 4,
+                                    "max_bad_frames": 100})
+    client = await connect(gw)
+    for _ in range(4):
+        await client.send_raw("{bad")
+    assert await client.error("ping") == "rate_limited"

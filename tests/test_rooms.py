@@ -158,3 +158,76 @@ async def test_typing_skips_sender_and_coalesces(
     await asyncio.sleep(0.7)  # past the coalescing interval: nothing more may come
     assert b.take("chat:typing") == []
     assert a.take("chat:typing") == []
+
+
+async def test_client_id_reused_in_another_room_is_a_new_message(
+    gateway: Gateway, connect: ClientFactory
+) -> None:
+    a = await connect(gateway, "alice")
+    await a.ok("room:join", "one")
+    await a.ok("room:join", "two")
+    first = (await a.ok("chat:message", {"roomId": "one", "content": "x",
+                                         "clientId": "same"}))["message"]
+    second = (await a.ok("chat:message", {"roomId": "two", "content": "y",
+                                          "clientId": "same"}))["message"]
+    assert second["roomId"] == "two" and second["content"] == "y"
+    assert second["offset"] != first["offset"]
+
+
+async def test_control_disconnects_one_connection_or_a_user(
+    gateway: Gateway, connect: ClientFactory, nats_server: NatsServer
+) -> None:
+    import nats
+
+    from broker import subjects
+
+    a1 = await connect(gateway, "alice")
+    a2 = await connect(gateway, "alice")
+    b = await connect(gateway, "bob")
+    c = await connect(gateway, "carol")
+    session_b = gateway.node.hub.by_user("bob")[0].conn_id
+    nc = await nats.connect(nats_server.url)
+    try:
+        # A stray subject under the gateway's prefix is not a gateway-wide kick.
+        await nc.publish(subjects.control_gateway_subject("gw1") + ".whatever",
+                         b'{"type":"disconnect"}')
+        await nc.publish(subjects.control_connection_subject("gw1", session_b),
+                         json.dumps({"type": "disconnect", "code": 4403,
+                                     "reason": "é" * 100}).encode())
+        await nc.publish(subjects.control_user_subject("alice"),
+                         b'{"type":"disconnect","code":4403,"reason":"banned"}')
+        await nc.flush()
+        assert await b.wait_closed() == 4403
+        assert await a1.wait_closed() == 4403 and await a2.wait_closed() == 4403
+        await c.ok("ping")
+        assert not c.closed.is_set()
+    finally:
+        await nc.close()
+
+
+async def test_stream_recreated_while_connected_gets_a_new_epoch(
+    make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer
+) -> None:
+    import nats
+
+    from broker import subjects
+
+    gw = await make_gateway(streams={"stats_interval_seconds": 0.1})
+    a = await connect(gw, "alice")
+    await a.ok("room:join", "lobby")
+    old = (await a.ok("chat:message", {"roomId": "lobby", "content": "x"}))["message"]
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().delete_stream(subjects.ROOMS_STREAM)
+    finally:
+        await nc.close()
+    new = None
+    for _ in range(100):
+        ack = await a.request("chat:message", {"roomId": "lobby", "content": "y"})
+        if ack["ok"]:
+            new = ack["data"]["message"]
+            break
+        assert ack["error"]["code"] == "unavailable"
+        await asyncio.sleep(0.05)
+    assert new is not None and new["offset"] == 1
+    assert new["epoch"] != old["epoch"] and new["id"] != old["id"]

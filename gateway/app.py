@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -19,6 +20,9 @@ from gateway.node import Node
 log = structlog.get_logger("rtgate.gateway")
 
 NODE = web.AppKey("node", Node)
+
+# Upper bound of the reconnect delay advertised to clients on shutdown.
+RECONNECT_SPREAD_MS = 5000
 
 
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None) -> web.Application:
@@ -46,7 +50,11 @@ async def _start(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    # 1012 tells clients to come back after the advertised delay; spreading
+    # the delays keeps them from reconnecting all at once.
     for client in list(app[NODE].hub.connections.values()):
+        after_ms = random.randint(0, RECONNECT_SPREAD_MS)
+        client.send({"type": "reconnect", "data": {"afterMs": after_ms}})
         client.close(disconnect.RESTART)
 
 

@@ -77,10 +77,13 @@ class Client:
                             self.close, disconnect.AUTH_TIMEOUT)
 
     def close(self, reason: Disconnect) -> None:
-        """Close with ``reason``; queued frames are dropped and the close frame goes next."""
+        """Close with ``reason``: what is queued goes out first (an error frame that
+        explains the close, say), then the close frame. A slow consumer's queue was
+        already dropped."""
         if self.closing is not None:
             return
         self.closing = reason
+        self.writer.flush()
         self.writer.close()
         self._cancel_timers()
         self.node.metrics.closes.labels(str(reason.code)).inc()

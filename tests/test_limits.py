@@ -72,9 +72,12 @@ async def test_bad_frames_get_bad_frame_then_1007(gateway: Gateway,
     for _ in range(9):
         await client.send_raw("{oops")
     await client.ok("ping")
+    client.take("error")
     for _ in range(10):
         await client.send_raw("{oops")
     assert await client.wait_closed() == 1007
+    # The error that explains the close is written before the close frame.
+    assert len(client.take("error")) == 10
 
 
 async def test_bad_msgpack_and_text_on_msgpack(gateway: Gateway, connect: ClientFactory) -> None:

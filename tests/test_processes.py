@@ -100,17 +100,22 @@ def test_gateway_and_broker_processes_serve_and_stop_cleanly(
 
     tok = mint(AuthSettings(secret="p" * 32), "alice")
 
-    async def session() -> int | None:
+    async def session() -> tuple[list[dict[str, object]], int | None]:
+        frames = []
         async with websockets.connect(f"ws://127.0.0.1:{gw_port}/ws?token={tok}") as ws:
             assert json.loads(await ws.recv())["type"] == "welcome"
             gateway.send_signal(signal.SIGTERM)
             try:
                 while True:
-                    await asyncio.wait_for(ws.recv(), 10)
+                    frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
             except websockets.ConnectionClosed as exc:
-                return exc.rcvd.code if exc.rcvd else None
+                return frames, exc.rcvd.code if exc.rcvd else None
 
-    assert asyncio.run(session()) == 1012
+    frames, code = asyncio.run(session())
+    assert code == 1012
+    assert [f["type"] for f in frames] == ["reconnect"]
+    after = frames[0]["data"]["afterMs"]  # type: ignore[index]
+    assert isinstance(after, int) and 0 <= after <= 5000
     assert gateway.wait(15) == 0
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(15) == 0

@@ -7,6 +7,7 @@ owner through plain callbacks so readiness and metrics follow the link.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats
@@ -106,3 +107,14 @@ def check_server_version(nc: Client) -> None:
 def _server_url(nc: Client) -> str:
     url = nc.connected_url
     return f"{url.hostname}:{url.port}" if url is not None else "?"
+
+
+async def close(nc: Client | None, timeout: float = 5.0) -> None:
+    """Drain (finish in-flight work, flush publishes) and close; close hard if draining stalls."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=timeout)
+    except Exception as exc:
+        log.warning("nats drain failed", error=repr(exc))
+        await nc.close()

@@ -6,8 +6,6 @@ service in later issues. What is here already is the lifecycle they plug into.
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as Nats
@@ -49,12 +47,7 @@ class Broker:
 
     async def stop(self) -> None:
         await self.background.stop()
-        if self._nc is not None and not self._nc.is_closed:
-            try:
-                await asyncio.wait_for(self._nc.drain(), timeout=5)
-            except Exception as exc:
-                log.warning("nats drain failed", error=repr(exc))
-                await self._nc.close()
+        await natsconn.close(self._nc)
         log.info("broker stopped", broker_id=self.broker_id)
 
     async def _provision(self) -> None:

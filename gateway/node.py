@@ -88,12 +88,7 @@ class Node:
         await self.background.stop()
         if self._publisher is not None:
             self._publisher.fail_all()
-        if self._nc is not None and not self._nc.is_closed:
-            try:
-                await asyncio.wait_for(self._nc.drain(), timeout=5)
-            except Exception as exc:
-                log.warning("nats drain failed", error=repr(exc))
-                await self._nc.close()
+        await natsconn.close(self._nc)
         log.info("gateway stopped", gateway_id=self.gateway_id)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

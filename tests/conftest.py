@@ -114,3 +114,15 @@ async def connect() -> AsyncIterator[ClientFactory]:
     yield open_client
     for client in clients:
         await client.close()
+
+
+async def pair_in_room(make_gateway: GatewayFactory, connect: ClientFactory, room: str = "lobby",
+                       **sections: dict[str, Any]) -> tuple[Gateway, Gateway, WsClient, WsClient]:
+    """Two gateways; alice on the first and bob on the second, both joined to ``room``."""
+    gw1 = await make_gateway("gw1", **sections)
+    gw2 = await make_gateway("gw2", **sections)
+    a = await connect(gw1, "alice")
+    b = await connect(gw2, "bob")
+    for c in (a, b):
+        await c.ok("room:join", room)
+    return gw1, gw2, a, b

@@ -9,7 +9,7 @@ import nats
 
 from broker import subjects
 from rtgate.natsserver import NatsServer
-from tests.conftest import ClientFactory, Gateway, GatewayFactory
+from tests.conftest import ClientFactory, Gateway, GatewayFactory, pair_in_room
 
 
 async def _status(gw: Gateway, path: str) -> int:
@@ -28,12 +28,7 @@ async def _wait_status(gw: Gateway, path: str, want: int, timeout: float = 15) -
 async def test_nats_restart_mid_session(
     make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer
 ) -> None:
-    gw1 = await make_gateway("gw1")
-    gw2 = await make_gateway("gw2")
-    a = await connect(gw1, "alice")
-    b = await connect(gw2, "bob")
-    for c in (a, b):
-        await c.ok("room:join", "lobby")
+    gw1, gw2, a, b = await pair_in_room(make_gateway, connect)
     before = (await a.ok("chat:message", {"roomId": "lobby", "content": "before"}))["message"]
     await b.next("chat:message")
     assert await _status(gw1, "/readyz") == 200

@@ -8,7 +8,7 @@ import json
 import urllib.request
 
 from rtgate.natsserver import NatsServer
-from tests.conftest import ClientFactory, Gateway, GatewayFactory
+from tests.conftest import ClientFactory, Gateway, GatewayFactory, pair_in_room
 
 
 def _subscriptions(nats: NatsServer, name_part: str) -> list[str]:
@@ -138,12 +138,7 @@ async def test_last_leave_drops_the_gateway_subscription(
 async def test_typing_skips_sender_and_coalesces(
     make_gateway: GatewayFactory, connect: ClientFactory
 ) -> None:
-    gw1 = await make_gateway("gw1")
-    gw2 = await make_gateway("gw2")
-    a = await connect(gw1, "alice")
-    b = await connect(gw2, "bob")
-    for c in (a, b):
-        await c.ok("room:join", "lobby")
+    _, _, a, b = await pair_in_room(make_gateway, connect)
     # Ten toggles in a burst: at most a couple go out now, and the final state
     # (False) always arrives at the end of the interval.
     for i in range(10):

@@ -38,7 +38,8 @@ def configure(settings: LogSettings, service: str) -> None:
     # Libraries (aiohttp, nats-py) log through the stdlib: render them the same way.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
     ))
     root = logging.getLogger()

@@ -107,7 +107,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     node.metrics.connections.inc()
     node.metrics.connections_total.labels("accepted").inc()
     started = time.monotonic()
-    client.start(identity)
+    await client.start(identity)
     try:
         async for msg in ws:
             if msg.type is WSMsgType.BINARY:

@@ -8,6 +8,7 @@ when the PubAck arrives, through a future callback rather than a task.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import secrets
 import time
@@ -24,7 +25,7 @@ from gateway.codec import WireFormat
 from gateway.disconnect import Disconnect
 from gateway.errors import ErrorCode, ProtocolError
 from gateway.publisher import PubAck
-from gateway.ratelimit import TokenBucket
+from gateway.ratelimit import RefusalStreak, TokenBucket
 from gateway.writer import Writer
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ log = structlog.get_logger("rtgate.client")
 
 # Returned by handlers whose ack is written later (after a PubAck).
 _DEFERRED = object()
+# Refused for rate in this many consecutive seconds: closed with 1008.
+_ABUSE_SECONDS = 5
 
 Handler = Callable[["Client", protocol.Frame], Awaitable[Any]]
 
@@ -63,15 +66,16 @@ class Client:
         self.closing: Disconnect | None = None
         self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, time.monotonic())
         self._bad_frames = 0
+        self._refusals = RefusalStreak(_ABUSE_SECONDS)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.opened_at = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self, identity: Identity | None) -> None:
+    async def start(self, identity: Identity | None) -> None:
         """Called once the socket is open: welcome now, or wait for an ``auth`` frame."""
         if identity is not None:
-            self._authenticate(identity)
+            await self._authenticate(identity)
         else:
             self._set_timer("auth", self.node.config.auth.timeout_seconds,
                             self.close, disconnect.AUTH_TIMEOUT)
@@ -127,11 +131,19 @@ class Client:
             self._bad_frame(exc)
             return
         self._bad_frames = 0
+        if frame.type == "batch" and allowed:
+            self._bucket.refund()  # its inner frames pay, each as if sent alone
+        await self._dispatch(frame, allowed)
+
+    async def _dispatch(self, frame: protocol.Frame, allowed: bool) -> None:
         kind = frame.type
-        metrics.frames_received.labels(kind if kind in protocol.CLIENT_TYPES else "unknown").inc()
+        self.node.metrics.frames_received.labels(
+            kind if kind in protocol.CLIENT_TYPES else "unknown").inc()
         if not allowed:
             self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED,
                                             "too many frames, slow down"))
+            if self._refusals.refused(time.monotonic()):
+                self.close(disconnect.POLICY_RATE)
             return
         handler = _HANDLERS.get(kind)
         if handler is None:
@@ -175,20 +187,45 @@ class Client:
 
     # -- auth ------------------------------------------------------------------
 
-    def _authenticate(self, identity: Identity) -> None:
-        first = self.identity is None
+    async def _authenticate(self, identity: Identity) -> None:
+        """First time: subscribe the user's inbox and welcome. A refresh: leave the
+        rooms the new token no longer allows and renew the expiry timers."""
+        previous = self.identity
         self.identity = identity
         self.user_id = identity.user_id
         self._cancel_timer("auth")
+        self._schedule_expiry(identity)
+        if previous is not None:
+            for room_id in sorted(self.rooms):
+                if not identity.may_join(room_id):
+                    self.node.hub.leave(self, room_id)
+                    self.send({"type": "room:removed", "data": {
+                        "roomId": room_id, "reason": "token no longer allows this room"}})
+            return
+        try:
+            await self.node.hub.authenticated_as(self, identity.user_id)
+        except Exception as exc:
+            log.warning("inbox subscription failed", user_id=identity.user_id, error=repr(exc))
+            self.close(disconnect.UNAVAILABLE)
+            return
+        log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
+                 remote=self.remote)
+        self.send({"type": "welcome", "data": self._welcome()})
+
+    def _schedule_expiry(self, identity: Identity) -> None:
         self._cancel_timer("expiry")
-        if identity.expires_at is not None:
-            grace = self.node.config.auth.leeway_seconds
-            self._set_timer("expiry", max(0.0, identity.expires_at + grace - time.time()),
-                            self.close, disconnect.TOKEN_EXPIRED)
-        if first:
-            log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
-                     remote=self.remote)
-            self.send({"type": "welcome", "data": self._welcome()})
+        self._cancel_timer("expiring")
+        expires = identity.expires_at
+        if expires is None:
+            return
+        auth = self.node.config.auth
+        now = time.time()
+        self._set_timer("expiry", max(0.0, expires + auth.leeway_seconds - now),
+                        self.close, disconnect.TOKEN_EXPIRED)
+        if auth.expiring_notice_seconds > 0:
+            self._set_timer("expiring", max(0.0, expires - auth.expiring_notice_seconds - now),
+                            self.send, {"type": "auth:expiring",
+                                        "data": {"expiresAt": protocol.timestamp(expires)}})
 
     def _welcome(self) -> dict[str, Any]:
         cfg = self.node.config
@@ -221,13 +258,19 @@ class Client:
             self.close(Disconnect(disconnect.BAD_TOKEN.code, "token is for another user",
                                   disconnect.BAD_TOKEN.reconnect))
             return _DEFERRED
-        # Ack before welcome: the client learns its request worked, then its session.
-        if frame.id is not None:
+        if self.identity is None and frame.id is not None:
+            # Ack before welcome: the client learns its request worked, then its session.
             self.send(protocol.ack_ok(frame.id, _identity_data(identity)))
-        self._authenticate(identity)
-        return _DEFERRED
+            await self._authenticate(identity)
+            return _DEFERRED
+        await self._authenticate(identity)
+        return _identity_data(identity)
 
     # -- rooms -----------------------------------------------------------------
+
+    def _identity(self) -> Identity:
+        assert self.identity is not None, "handlers other than auth and ping need auth"
+        return self.identity
 
     def _check_member(self, room_id: str) -> None:
         assert self.identity is not None
@@ -271,27 +314,88 @@ class Client:
     async def on_chat(self, frame: protocol.Frame) -> Any:
         msg = protocol.chat_message(frame.data, self.node.config.limits.max_content_bytes)
         self._check_member(msg.room_id)
-        assert self.identity is not None
+        identity = self._identity()
         body = {
             "roomId": msg.room_id,
-            "userId": self.identity.user_id,
-            "username": self.identity.username,
+            "userId": identity.user_id,
+            "username": identity.username,
             "content": msg.content,
             "timestamp": protocol.timestamp(time.time()),
         }
+        return await self._publish_durable(
+            frame, _Durable(subjects.ROOMS_STREAM, subjects.room_subject(msg.room_id),
+                            "chat:message", msg.room_id, _message_ack), body, msg.client_id)
+
+    async def on_direct(self, frame: protocol.Frame) -> Any:
+        msg = protocol.direct_message(frame.data, self.node.config.limits.max_content_bytes)
+        identity = self._identity()
+        body = {
+            "fromUserId": identity.user_id,
+            "fromUsername": identity.username,
+            "toUserId": msg.to_user_id,
+            "content": msg.content,
+            "timestamp": protocol.timestamp(time.time()),
+        }
+        return await self._publish_durable(
+            frame, _Durable(subjects.DIRECT_STREAM, subjects.direct_subject(msg.to_user_id),
+                            "direct:message", msg.to_user_id, _message_ack), body, msg.client_id)
+
+    async def on_global(self, frame: protocol.Frame) -> Any:
+        msg = protocol.global_message(frame.data, self.node.config.limits.max_content_bytes)
+        identity = self._identity()
+        if not identity.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only admins may broadcast to everyone")
+        body = {
+            "fromUserId": identity.user_id,
+            "fromUsername": identity.username,
+            "content": msg.content,
+            "timestamp": protocol.timestamp(time.time()),
+        }
+        return await self._publish_durable(
+            frame, _Durable(subjects.GLOBAL_STREAM, subjects.GLOBAL_SUBJECT, "global:message",
+                            "", _message_ack), body, msg.client_id)
+
+    async def on_room_event(self, frame: protocol.Frame) -> Any:
+        ev = protocol.room_event(frame.data)
+        self._check_member(ev.room_id)
+        identity = self._identity()
+        body = {
+            "roomId": ev.room_id,
+            "event": ev.event,
+            "data": ev.data,
+            "userId": identity.user_id,
+            "username": identity.username,
+            "timestamp": protocol.timestamp(time.time()),
+        }
+        if ev.durable:
+            return await self._publish_durable(
+                frame, _Durable(subjects.ROOMS_STREAM, subjects.room_subject(ev.room_id),
+                                "room:event", ev.room_id, _offset_ack), body, ev.client_id)
+        node = self.node
+        if not node.nats_connected:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
+        await node.publish_ephemeral(subjects.live_room_subject(ev.room_id),
+                                     {"type": "room:event", "data": body}, self.key)
+        return None
+
+    async def _publish_durable(self, frame: protocol.Frame, target: _Durable,
+                               body: dict[str, Any], client_id: str | None) -> Any:
+        """Store ``body`` in its stream; the ack is written when the PubAck arrives."""
         headers = {subjects.HDR_ORIGIN: self.key}
-        if msg.client_id is not None:
+        if client_id is not None:
             headers[subjects.HDR_MSG_ID] = subjects.dedup_id(
-                self.identity.user_id, msg.room_id, msg.client_id)
-        payload = codec.encode_payload(WireFormat.JSON, {"type": "chat:message", "data": body})
+                self.user_id, target.dedup_scope or "*", client_id)
+        payload = _json_payload({"type": target.kind, "data": body})
+        if len(payload) > self.node.config.limits.max_frame_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "event is over the frame size limit")
         started = time.perf_counter()
-        future = await self.node.publisher.publish(
-            subjects.room_subject(msg.room_id), payload, headers)
-        future.add_done_callback(functools.partial(self._on_stored, frame.id, body, started))
+        future = await self.node.publisher.publish(target.subject, payload, headers)
+        future.add_done_callback(
+            functools.partial(self._on_stored, frame.id, target, body, started))
         return _DEFERRED
 
-    def _on_stored(self, frame_id: int | None, body: dict[str, Any], started: float,
-                   future: asyncio.Future[PubAck]) -> None:
+    def _on_stored(self, frame_id: int | None, target: _Durable, body: dict[str, Any],
+                   started: float, future: asyncio.Future[PubAck]) -> None:
         node = self.node
         node.metrics.publish_latency.observe(time.perf_counter() - started)
         exc = future.exception()
@@ -301,27 +405,42 @@ class Client:
             self._report(frame_id, error)
             return
         ack = future.result()
-        if ack.duplicate:
-            # A retry: answer with the message as first stored, not with this copy.
-            node.spawn(self._ack_duplicate(frame_id, ack.seq))
-            return
-        if frame_id is not None:
-            epoch = node.room_epoch()
-            message = dict(body, id=subjects.message_id(epoch, ack.seq), offset=ack.seq,
-                           epoch=epoch)
-            self.send(protocol.ack_ok(frame_id, {"message": message}))
-
-    async def _ack_duplicate(self, frame_id: int | None, seq: int) -> None:
         if frame_id is None:
             return
+        if ack.duplicate:
+            # A retry: answer with the message as first stored, not with this copy.
+            node.spawn(self._ack_duplicate(frame_id, target, ack.seq))
+            return
+        self.send(protocol.ack_ok(frame_id, target.ack(self._stored(target, body, ack.seq))))
+
+    def _stored(self, target: _Durable, body: dict[str, Any], seq: int) -> dict[str, Any]:
+        epoch = self.node.epochs.get(target.stream, "")
+        return dict(body, id=subjects.message_id(epoch, seq), offset=seq, epoch=epoch)
+
+    async def _ack_duplicate(self, frame_id: int, target: _Durable, seq: int) -> None:
         try:
-            event = await self.node.stored_room_event(seq)
+            event = await self.node.stored_event(target.stream, seq)
         except ProtocolError as exc:
             self._report(frame_id, exc)
             return
-        epoch = self.node.room_epoch()
-        message = dict(event["data"], id=subjects.message_id(epoch, seq), offset=seq, epoch=epoch)
-        self.send(protocol.ack_ok(frame_id, {"message": message}))
+        self.send(protocol.ack_ok(frame_id, target.ack(self._stored(target, event["data"], seq))))
+
+    async def on_batch(self, frame: protocol.Frame) -> Any:
+        items = protocol.batch_items(frame.data)
+        for item in items:
+            try:
+                inner = protocol.parse_frame(item)
+            except ProtocolError as exc:
+                self._report(None, exc)
+                continue
+            allowed = self._bucket.take(time.monotonic())
+            if inner.type == "batch":
+                self._fail(inner, ProtocolError(ErrorCode.BAD_REQUEST, "batches do not nest"))
+                continue
+            await self._dispatch(inner, allowed)
+            if self.closing is not None:
+                break
+        return {"count": len(items)}
 
     async def on_typing(self, frame: protocol.Frame) -> Any:
         typing = protocol.typing(frame.data)
@@ -387,6 +506,35 @@ def _identity_data(identity: Identity) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Durable:
+    """Where a durable send goes and how its ack looks."""
+
+    stream: str
+    subject: str
+    kind: str
+    # Scopes the clientId (room id, recipient): a clientId reused elsewhere is new.
+    dedup_scope: str
+    ack: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _message_ack(message: dict[str, Any]) -> dict[str, Any]:
+    return {"message": message}
+
+
+def _offset_ack(message: dict[str, Any]) -> dict[str, Any]:
+    return {"id": message["id"], "offset": message["offset"], "epoch": message["epoch"]}
+
+
+def _json_payload(event: dict[str, Any]) -> bytes:
+    try:
+        return codec.encode_payload(WireFormat.JSON, event)
+    except (TypeError, ValueError) as exc:
+        # msgpack clients can send binary or non-string keys; JSON clients could not read them.
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            "data must be JSON-compatible (no binary, string keys)") from exc
+
+
 _HANDLERS: dict[str, Handler] = {
     "auth": Client.on_auth,
     "room:join": Client.on_join,
@@ -394,4 +542,8 @@ _HANDLERS: dict[str, Handler] = {
     "chat:message": Client.on_chat,
     "chat:typing": Client.on_typing,
     "ping": Client.on_ping,
+    "direct:message": Client.on_direct,
+    "broadcast:global": Client.on_global,
+    "room:event": Client.on_room_event,
+    "batch": Client.on_batch,
 }

@@ -35,9 +35,15 @@ class ServerSettings:
         require(self.heartbeat_seconds > 0, "server.heartbeat_seconds must be > 0")
 
 
+# Tokens signed with the shared secret.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+# Tokens signed with a private key, verified with a public key from auth.jwks_file.
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AuthSettings:
-    # HS256 shared secret. The built-in default is for local development only.
+    # HS shared secret. The built-in default is for local development only.
     secret: str = DEV_SECRET
     algorithms: tuple[str, ...] = ("HS256",)
     issuer: str = ""
@@ -47,15 +53,31 @@ class AuthSettings:
     timeout_seconds: float = 5.0
     # Rooms a token without a "rooms" claim may join (glob patterns).
     default_rooms: tuple[str, ...] = ("*",)
+    # "auth:expiring" is sent this long before the token expires (0: never).
+    expiring_notice_seconds: float = 60.0
+    # JWKS file ({"keys": [...]}) of public keys for RS/ES tokens; "" = none.
+    jwks_file: str = ""
+    # How often the JWKS file is checked for changes (0: only on SIGHUP).
+    jwks_check_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         require(bool(self.algorithms), "auth.algorithms must not be empty")
+        supported = HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS
         for alg in self.algorithms:
             require(alg.lower() != "none", "auth.algorithms must never contain 'none'")
-            require(alg in ("HS256", "HS384", "HS512"),
-                    f"auth.algorithms: {alg} is not supported (HS256, HS384, HS512)")
-        require(bool(self.secret), "auth.secret must not be empty")
+            require(alg in supported,
+                    f"auth.algorithms: {alg} is not supported ({', '.join(supported)})")
+        hmac = any(a in HMAC_ALGORITHMS for a in self.algorithms)
+        public = any(a in PUBLIC_KEY_ALGORITHMS for a in self.algorithms)
+        require(not hmac or bool(self.secret),
+                "auth.secret must not be empty when auth.algorithms has an HS algorithm")
+        require(not public or bool(self.jwks_file),
+                "auth.jwks_file must be set when auth.algorithms has an RS or ES algorithm")
+        # A key file nothing reads is a half-done rotation or a typo in algorithms.
+        require(public or not self.jwks_file,
+                "auth.jwks_file is set but auth.algorithms has no RS or ES algorithm")
         require(self.timeout_seconds > 0, "auth.timeout_seconds must be > 0")
+        require(self.jwks_check_seconds >= 0, "auth.jwks_check_seconds must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

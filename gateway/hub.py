@@ -1,10 +1,11 @@
-"""Local connections, room membership, and the fan-out from NATS to sockets.
+"""Local connections, their channels, and the fan-out from NATS to sockets.
 
-A gateway holds one NATS subscription per room that has local members,
-made on the first local join and dropped on the last leave. Each message
-from NATS is decoded once, encoded once per wire format in use, and the same
-frame bytes are queued to every local member; nothing on this path awaits a
-socket.
+A channel is a room or a user's direct inbox. A gateway holds one NATS
+subscription per channel that has local members, made on the first local
+member and dropped with the last; global messages arrive on one subscription
+for the whole gateway. Each message from NATS is decoded once, encoded once
+per wire format in use, and the same frame bytes are queued to every local
+recipient; nothing on this path awaits a socket.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -38,13 +39,90 @@ _YIELD_EVERY = 32
 
 
 @dataclasses.dataclass(eq=False, slots=True)
-class Room:
-    room_id: str
+class Channel:
+    key: str
     members: set[Client] = dataclasses.field(default_factory=set)
     sub: Subscription | None = None
-    # Set once the NATS subscription exists; later joiners wait on it.
+    # Set once the NATS subscription exists; later members wait on it.
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     failed: BaseException | None = None
+
+
+class _Table:
+    """Channels of one kind (rooms, inboxes), each with its NATS subscription."""
+
+    def __init__(self, hub: Hub, live_subject: Callable[[str], str],
+                 on_size: Callable[[int], None] | None = None, *, confirm: bool = True) -> None:
+        self._hub = hub
+        # Confirm each new subscription with a round trip (rooms: the join ack
+        # promises delivery of everything after it). Inboxes skip it so that a
+        # connection can authenticate while NATS is away; nats-py re-sends the
+        # subscription when the link returns.
+        self._confirm = confirm
+        self._live_subject = live_subject
+        self._on_size = on_size
+        self.channels: dict[str, Channel] = {}
+
+    def _changed(self) -> None:
+        if self._on_size is not None:
+            self._on_size(len(self.channels))
+
+    async def add(self, client: Client, key: str) -> None:
+        """Add a member, subscribing first if the channel is new here; raises if that fails."""
+        channel = self.channels.get(key)
+        if channel is None:
+            channel = Channel(key)
+            self.channels[key] = channel
+            channel.members.add(client)
+            nc = self._hub.nc
+            try:
+                sub = await nc.subscribe(self._live_subject(key),
+                                         cb=self._hub.callback(channel.members))
+                if self._confirm:
+                    # A round trip, so a message published anywhere after this
+                    # returns is certain to reach the subscription.
+                    await nc.flush(timeout=2)
+            except BaseException as exc:
+                channel.failed = exc
+                channel.ready.set()
+                # A channel without a subscription serves nobody: forget it whole;
+                # members that waited on it see ``failed`` and give up too.
+                if self.channels.get(key) is channel:
+                    del self.channels[key]
+                raise
+            channel.sub = sub
+            channel.ready.set()
+            self._changed()
+            if self.channels.get(key) is not channel:
+                await _unsubscribe(sub)  # everyone left while we subscribed
+            return
+        channel.members.add(client)
+        if not channel.ready.is_set():
+            await channel.ready.wait()
+        if channel.failed is not None:
+            raise channel.failed
+
+    def discard(self, client: Client, key: str) -> None:
+        channel = self.channels.get(key)
+        if channel is None:
+            return
+        channel.members.discard(client)
+        if channel.members:
+            return
+        del self.channels[key]
+        self._changed()
+        if channel.sub is not None:
+            sub = channel.sub
+            channel.sub = None
+            # UNSUB is a buffered write, not a round trip; keep it off the caller.
+            asyncio.get_running_loop().create_task(_unsubscribe(sub))
+
+    async def close(self) -> None:
+        for channel in list(self.channels.values()):
+            if channel.sub is not None:
+                await _unsubscribe(channel.sub)
+        self.channels.clear()
+        self._changed()
 
 
 class Hub:
@@ -52,102 +130,81 @@ class Hub:
         self,
         nc: Nats,
         flusher: Flusher,
-        epoch: Callable[[], str],
+        epochs: Mapping[str, str],
         on_rooms_changed: Callable[[int], None],
     ) -> None:
-        self._nc = nc
+        self.nc = nc
         self._flusher = flusher
-        self._epoch = epoch
-        self._on_rooms_changed = on_rooms_changed
-        self.rooms: dict[str, Room] = {}
+        # The node's live mapping of stream name to epoch.
+        self._epochs = epochs
+        self._rooms = _Table(self, subjects.live_room_subject, on_rooms_changed)
+        self._inboxes = _Table(self, subjects.live_direct_subject, confirm=False)
         self.connections: dict[str, Client] = {}
+        # Authenticated connections: the audience of global messages.
+        self.authenticated: set[Client] = set()
+        self._global_sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._global_sub = await self.nc.subscribe(
+            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(self.authenticated))
+
+    @property
+    def rooms(self) -> dict[str, Channel]:
+        return self._rooms.channels
+
+    @property
+    def inboxes(self) -> dict[str, Channel]:
+        return self._inboxes.channels
 
     # -- connections ---------------------------------------------------------
 
     def add(self, client: Client) -> None:
         self.connections[client.conn_id] = client
 
+    async def authenticated_as(self, client: Client, user_id: str) -> None:
+        """A connection proved it is ``user_id``: it now receives that user's direct messages."""
+        self.authenticated.add(client)
+        await self._inboxes.add(client, user_id)
+
     def remove(self, client: Client) -> None:
-        """Forget a closed connection and leave its rooms (unsubscribing in the background)."""
+        """Forget a closed connection and leave its channels (unsubscribing in the background)."""
         self.connections.pop(client.conn_id, None)
+        self.authenticated.discard(client)
         for room_id in list(client.rooms):
-            self._drop_member(client, room_id)
+            self._rooms.discard(client, room_id)
         client.rooms.clear()
+        if client.user_id:
+            self._inboxes.discard(client, client.user_id)
 
     def by_user(self, user_id: str) -> list[Client]:
-        return [c for c in self.connections.values() if c.user_id == user_id]
+        inbox = self._inboxes.channels.get(user_id)
+        return list(inbox.members) if inbox is not None else []
 
-    # -- membership ----------------------------------------------------------
+    # -- rooms ---------------------------------------------------------------
 
     async def join(self, client: Client, room_id: str) -> None:
-        """Add ``client`` to the room, subscribing to it first if it is new here."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            room = Room(room_id)
-            self.rooms[room_id] = room
-            room.members.add(client)
-            client.rooms.add(room_id)
-            try:
-                sub = await self._nc.subscribe(
-                    subjects.live_room_subject(room_id), cb=self._room_callback(room)
-                )
-                # A round trip, so a message published anywhere after the join ack
-                # is certain to reach this subscription.
-                await self._nc.flush(timeout=2)
-            except BaseException as exc:
-                room.failed = exc
-                room.ready.set()
-                # Nobody is served by a room without a subscription: forget it whole;
-                # members that waited on it see ``failed`` and give up too.
-                if self.rooms.get(room_id) is room:
-                    del self.rooms[room_id]
-                client.rooms.discard(room_id)
-                raise
-            room.sub = sub
-            room.ready.set()
-            self._on_rooms_changed(len(self.rooms))
-            if self.rooms.get(room_id) is not room:
-                # Everyone left while we subscribed.
-                await _unsubscribe(sub)
-            return
-        room.members.add(client)
         client.rooms.add(room_id)
-        if not room.ready.is_set():
-            await room.ready.wait()
-        if room.failed is not None:
+        try:
+            await self._rooms.add(client, room_id)
+        except BaseException:
             client.rooms.discard(room_id)
-            raise room.failed
+            raise
 
     def leave(self, client: Client, room_id: str) -> bool:
         if room_id not in client.rooms:
             return False
         client.rooms.discard(room_id)
-        self._drop_member(client, room_id)
+        self._rooms.discard(client, room_id)
         return True
-
-    def _drop_member(self, client: Client, room_id: str) -> None:
-        room = self.rooms.get(room_id)
-        if room is None:
-            return
-        room.members.discard(client)
-        if room.members:
-            return
-        del self.rooms[room_id]
-        self._on_rooms_changed(len(self.rooms))
-        if room.sub is not None:
-            sub = room.sub
-            room.sub = None
-            # UNSUB is a buffered write, not a round trip; keep it off the caller.
-            asyncio.get_running_loop().create_task(_unsubscribe(sub))
 
     # -- fan-out -------------------------------------------------------------
 
-    def _room_callback(self, room: Room) -> Callable[[Msg], Any]:
+    def callback(self, members: Collection[Client]) -> Callable[[Msg], Any]:
         since_yield = 0
 
         async def on_message(msg: Msg) -> None:
             nonlocal since_yield
-            self.deliver(room.members, msg)
+            self.deliver(members, msg)
             # nats-py hands a burst of queued messages to this callback without
             # returning to the event loop, so nothing would be written until the
             # burst ends. Yielding now and then lets the flusher write (frames
@@ -160,7 +217,7 @@ class Hub:
 
         return on_message
 
-    def deliver(self, members: set[Client], msg: Msg) -> None:
+    def deliver(self, members: Collection[Client], msg: Msg) -> None:
         """Queue one NATS message to every member connection; never awaits."""
         if not members:
             return
@@ -169,6 +226,8 @@ class Hub:
             event = json.loads(msg.data)
             data = event["data"]
             kind = event["type"]
+            if not isinstance(data, dict) or not isinstance(kind, str):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             log.warning("dropping malformed event from NATS", subject=msg.subject)
             return
@@ -178,7 +237,7 @@ class Hub:
         if stored:
             assert headers is not None
             offset = int(headers[subjects.HDR_SEQUENCE])
-            epoch = self._epoch()
+            epoch = self._epochs.get(headers.get(subjects.HDR_STREAM, ""), "")
             data["id"] = subjects.message_id(epoch, offset)
             data["offset"] = offset
             data["epoch"] = epoch
@@ -201,10 +260,10 @@ class Hub:
         self._flusher.stamp(received)
 
     async def close(self) -> None:
-        for room in list(self.rooms.values()):
-            if room.sub is not None:
-                await _unsubscribe(room.sub)
-        self.rooms.clear()
+        await self._rooms.close()
+        await self._inboxes.close()
+        if self._global_sub is not None:
+            await _unsubscribe(self._global_sub)
 
 
 async def _unsubscribe(sub: Subscription) -> None:

@@ -71,8 +71,8 @@ class Node:
         self._publisher = Publisher(self._nc, self.config.nats.ack_timeout,
                                     self._reprovision_soon)
         await self._publisher.start()
-        self._hub = Hub(self._nc, self._flusher, self.room_epoch,
-                        self.metrics.rooms_subscribed.set)
+        self._hub = Hub(self._nc, self._flusher, self.epochs, self.metrics.rooms_subscribed.set)
+        await self._hub.start()
         await self._nc.subscribe(
             subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control)
         await self._nc.subscribe(
@@ -154,9 +154,9 @@ class Node:
             return 0
         return int(msg.headers[subjects.HDR_SEQUENCE])
 
-    async def stored_room_event(self, seq: int) -> dict[str, Any]:
-        """The stored event at ``seq`` in the rooms stream (without prevOffset)."""
-        msg = await self.direct_get(subjects.ROOMS_STREAM, seq=seq)
+    async def stored_event(self, stream: str, seq: int) -> dict[str, Any]:
+        """The stored event at ``seq`` in ``stream`` (without prevOffset)."""
+        msg = await self.direct_get(stream, seq=seq)
         if msg is None:
             raise ProtocolError(ErrorCode.INTERNAL, "stored message vanished")
         event: dict[str, Any] = json.loads(msg.data)

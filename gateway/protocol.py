@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from typing import Any
 
 from gateway.errors import ErrorCode, ProtocolError
@@ -19,9 +20,12 @@ MAX_CLIENT_ID = 64
 MAX_FRAME_ID = 2**53 - 1
 
 # Every type a client may send, so metrics and errors never use client text as a label.
-CLIENT_TYPES = frozenset(
-    {"auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping"}
-)
+CLIENT_TYPES = frozenset({
+    "auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping",
+    "direct:message", "broadcast:global", "room:event", "batch",
+})
+MAX_BATCH = 50
+_EVENT_NAME = re.compile(r"[a-z0-9:_-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +46,28 @@ class ChatMessage:
 class Typing:
     room_id: str
     is_typing: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirectMessage:
+    to_user_id: str
+    content: str
+    client_id: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GlobalMessage:
+    content: str
+    client_id: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomEvent:
+    room_id: str
+    event: str
+    data: Any
+    durable: bool
+    client_id: str | None
 
 
 def parse_frame(obj: Any) -> Frame:
@@ -120,6 +146,55 @@ def typing(data: Any) -> Typing:
     if not isinstance(is_typing, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'isTyping' must be a boolean")
     return Typing(room_id(d), is_typing)
+
+
+def direct_message(data: Any, max_content_bytes: int) -> DirectMessage:
+    d = _map(data)
+    to = d.get("toUserId")
+    if not is_valid_id(to, MAX_USER_ID):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"toUserId must be 1 to {MAX_USER_ID} printable characters without whitespace",
+        )
+    assert isinstance(to, str)
+    return DirectMessage(to, content(d, max_content_bytes), client_id(d))
+
+
+def global_message(data: Any, max_content_bytes: int) -> GlobalMessage:
+    d = _map(data)
+    return GlobalMessage(content(d, max_content_bytes), client_id(d))
+
+
+def room_event(data: Any) -> RoomEvent:
+    d = _map(data)
+    event = d.get("event")
+    if not isinstance(event, str) or not _EVENT_NAME.fullmatch(event):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "event must match [a-z0-9:_-]{1,64}")
+    durable = d.get("durable", False)
+    if not isinstance(durable, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'durable' must be a boolean")
+    return RoomEvent(room_id(d), event, d.get("data"), durable, client_id(d))
+
+
+def batch_items(data: Any) -> list[Any]:
+    """The inner frames of a ``batch``: a list of frames, or the tutorial's
+    ``{messages: [{event, data}, ...]}`` whose ``event`` names the type."""
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        items: list[Any] = [
+            {"type": m.get("event"), "data": m.get("data"), **({"id": m["id"]} if "id" in m
+                                                               else {})}
+            if isinstance(m, dict) else m
+            for m in data["messages"]
+        ]
+    elif isinstance(data, list):
+        items = data
+    else:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            "batch data must be a list of frames or {messages: [...]}")
+    if len(items) > MAX_BATCH:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                            f"at most {MAX_BATCH} frames in a batch")
+    return items
 
 
 def auth_token(data: Any) -> str:

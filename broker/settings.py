@@ -26,7 +26,8 @@ T = TypeVar("T")
 
 # Sections of every rtgate service. A service skips the others' sections, so
 # one file or one environment can serve both; any other name is a typo.
-ALL_SECTIONS = frozenset({"server", "auth", "limits", "nats", "streams", "log", "broker"})
+ALL_SECTIONS = frozenset({"server", "auth", "limits", "edge", "nats", "streams", "log",
+                          "broker"})
 
 
 class ConfigError(Exception):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import random
+import asyncio
+import signal
 import time
 from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
+from aiohttp.web_runner import GracefulExit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import codec, disconnect
+from gateway import admission, codec
 from gateway.auth import AuthError, Identity
 from gateway.client import Client
 from gateway.config import DEV_SECRET, GatewayConfig
@@ -20,18 +22,21 @@ from gateway.node import Node
 log = structlog.get_logger("rtgate.gateway")
 
 NODE = web.AppKey("node", Node)
-
-# Upper bound of the reconnect delay advertised to clients on shutdown.
-RECONNECT_SPREAD_MS = 5000
+HANDLE_SIGNALS = web.AppKey("handle_signals", bool)
 
 
-def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None) -> web.Application:
+
+def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
+               *, handle_signals: bool = False) -> web.Application:
+    """``handle_signals``: SIGTERM drains (the process's own server, not tests)."""
     app = web.Application()
     app[NODE] = Node(config, registry)
+    app[HANDLE_SIGNALS] = handle_signals
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats", stats)
     app.on_startup.append(_start)
     app.on_shutdown.append(_close_sockets)
     app.on_cleanup.append(_stop)
@@ -47,15 +52,27 @@ async def _start(app: web.Application) -> None:
         log.warning("DEV MODE: server.dev_allow_user_param is on; ?user= connects without a "
                     "token. Never enable this in production.")
     await node.start()
+    if app[HANDLE_SIGNALS]:
+        loop = asyncio.get_running_loop()
+        # Replaces aiohttp's own SIGTERM handler, which would stop at once.
+        loop.add_signal_handler(signal.SIGTERM, node.begin_drain)
+
+        def exit_after_drain() -> None:
+            loop.call_soon(_graceful_exit)
+
+        node.on_drained = exit_after_drain
+
+
+def _graceful_exit() -> None:
+    # How aiohttp's own signal handler ends run_app: cleanup hooks then run.
+    raise GracefulExit()
 
 
 async def _close_sockets(app: web.Application) -> None:
-    # 1012 tells clients to come back after the advertised delay; spreading
-    # the delays keeps them from reconnecting all at once.
-    for client in list(app[NODE].hub.connections.values()):
-        after_ms = random.randint(0, RECONNECT_SPREAD_MS)
-        client.send({"type": "reconnect", "data": {"afterMs": after_ms}})
-        client.close(disconnect.RESTART)
+    # Whoever is still connected (no drain, or a second signal cut it short).
+    node = app[NODE]
+    for client in list(node.hub.connections.values()):
+        node.tell_to_reconnect(client)
 
 
 async def _stop(app: web.Application) -> None:
@@ -73,9 +90,30 @@ def _handshake_token(request: web.Request) -> str | None:
     return request.query.get("token") or None
 
 
+def _admit(request: web.Request, node: Node, address: str) -> web.Response | None:
+    """Edge checks before the upgrade; a refusal is an HTTP status with a JSON body."""
+    edge = node.config.edge
+    if node.draining:
+        return error_response(503, ErrorCode.UNAVAILABLE, "gateway is draining; reconnect")
+    if not admission.origin_allowed(request.headers.get("Origin"), edge.allowed_origins):
+        node.metrics.connections_total.labels("bad_origin").inc()
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed")
+    refused = node.addresses.admit(address, time.monotonic())
+    if refused is not None:
+        node.metrics.connections_total.labels("address_limited").inc()
+        return error_response(429, ErrorCode.RATE_LIMITED, refused)
+    return None
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     cfg = node.config
+    address = admission.client_address(request.remote or "?",
+                                       request.headers.get("X-Forwarded-For"),
+                                       node.trusted_proxies)
+    refusal = _admit(request, node, address)
+    if refusal is not None:
+        return refusal
     identity: Identity | None = None
     token = _handshake_token(request)
     try:
@@ -86,6 +124,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except AuthError as exc:
         node.metrics.connections_total.labels("unauthorized").inc()
         return error_response(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    if identity is None and node.unauthenticated >= cfg.edge.max_unauthenticated:
+        node.metrics.connections_total.labels("unauthenticated_limit").inc()
+        return error_response(503, ErrorCode.LIMIT_EXCEEDED,
+                              "too many unauthenticated connections; authenticate in the "
+                              "handshake or retry later")
 
     ws = web.WebSocketResponse(
         protocols=tuple(codec.SUBPROTOCOLS.values()),
@@ -102,13 +145,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if transport is None:  # the peer left during the handshake
         return ws
     fmt = codec.from_subprotocol(ws.ws_protocol)
-    client = Client(node, ws, transport, fmt, request.remote or "?")
+    client = Client(node, ws, transport, fmt, address)
     node.hub.add(client)
+    node.addresses.opened(address)
     node.metrics.connections.inc()
     node.metrics.connections_total.labels("accepted").inc()
     started = time.monotonic()
-    await client.start(identity)
     try:
+        await client.start(identity)
         async for msg in ws:
             if msg.type is WSMsgType.BINARY:
                 await client.receive(msg.data, False)
@@ -119,11 +163,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 client.record_close(getattr(msg.data, "code", None) or ws.close_code)
     finally:
         client.finish()
+        node.addresses.closed(address)
         node.metrics.connections.dec()
-        code = client.closing.code if client.closing is not None else ws.close_code
+        closing = client.closing
         log.info("disconnected", conn_id=client.conn_id, user_id=client.user_id or None,
-                 remote=client.remote, duration=round(time.monotonic() - started, 3),
-                 code=code)
+                 remote=address, duration=round(time.monotonic() - started, 3),
+                 code=closing.code if closing is not None else ws.close_code,
+                 reason=closing.reason if closing is not None else "closed by client")
     return ws
 
 
@@ -134,9 +180,16 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     node = request.app[NODE]
     body: dict[str, Any] = {"nats": node.nats_connected, "gatewayId": node.gateway_id}
+    if node.draining:
+        return web.json_response(dict(body, status="draining"), status=503)
     if node.nats_connected:
         return web.json_response(dict(body, status="ready"))
     return web.json_response(dict(body, status="unavailable"), status=503)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """The tutorial's getHealth: a quick look without a metrics stack."""
+    return web.json_response(request.app[NODE].stats())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -119,6 +119,7 @@ class Client:
             return
         metrics = self.node.metrics
         metrics.bytes_received.inc(len(raw))
+        self.node.frames_in += 1
         # Every message spends a token, malformed ones too: garbage is no way
         # around the rate limit.
         allowed = self._bucket.take(time.monotonic())
@@ -175,6 +176,7 @@ class Client:
 
     def _report(self, frame_id: int | None, exc: ProtocolError) -> None:
         self.node.metrics.errors.labels(exc.code.value).inc()
+        self.node.errors_out += 1
         if frame_id is not None:
             self.send(protocol.ack_error(frame_id, exc))
         else:
@@ -201,6 +203,10 @@ class Client:
                     self.node.hub.leave(self, room_id)
                     self.send({"type": "room:removed", "data": {
                         "roomId": room_id, "reason": "token no longer allows this room"}})
+            return
+        if len(self.node.hub.by_user(identity.user_id)) >= \
+                self.node.config.edge.max_connections_per_user:
+            self.close(disconnect.TOO_MANY_CONNECTIONS)
             return
         try:
             await self.node.hub.authenticated_as(self, identity.user_id)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from broker import settings
 from broker.settings import LogSettings, NatsSettings, StreamSettings, require
+from gateway import admission
 
 DEV_SECRET = "rtgate-insecure-dev-secret-change-me"
 
@@ -109,10 +110,50 @@ class LimitSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    # Browser Origins allowed to open a WebSocket (glob patterns, e.g.
+    # "https://*.example.com"). Empty allows any origin: set it in production
+    # against cross-site WebSocket hijacking. Handshakes without Origin
+    # (non-browser clients) are always allowed.
+    allowed_origins: tuple[str, ...] = ()
+    # Peers whose X-Forwarded-For is believed (addresses or CIDRs of your proxies).
+    trusted_proxies: tuple[str, ...] = ()
+    # Per client address (0: unlimited); refused with HTTP 429 before the upgrade.
+    max_connections_per_address: int = 1000
+    handshakes_per_second_per_address: float = 20.0
+    handshake_burst_per_address: int = 40
+    # Connections that have not authenticated yet, per gateway (HTTP 503 beyond).
+    max_unauthenticated: int = 10000
+    # Connections per user per gateway; the next is closed with 4429.
+    max_connections_per_user: int = 20
+    # SIGTERM: clients are told to reconnect and closed, spread over this window.
+    drain_seconds: float = 10.0
+    # Upper bound of the random delay each draining client is told to wait.
+    reconnect_jitter_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        try:
+            admission.parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"edge.trusted_proxies: {exc}") from exc
+        require(self.max_connections_per_address >= 0,
+                "edge.max_connections_per_address must be >= 0")
+        require(self.handshakes_per_second_per_address >= 0,
+                "edge.handshakes_per_second_per_address must be >= 0")
+        require(self.handshake_burst_per_address >= 1,
+                "edge.handshake_burst_per_address must be >= 1")
+        require(self.max_unauthenticated >= 1, "edge.max_unauthenticated must be >= 1")
+        require(self.max_connections_per_user >= 1, "edge.max_connections_per_user must be >= 1")
+        require(self.drain_seconds >= 0, "edge.drain_seconds must be >= 0")
+        require(self.reconnect_jitter_ms >= 0, "edge.reconnect_jitter_ms must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitSettings = LimitSettings()
+    edge: EdgeSettings = EdgeSettings()
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
     log: LogSettings = LogSettings()

@@ -140,6 +140,9 @@ class Hub:
         self._rooms = _Table(self, subjects.live_room_subject, on_rooms_changed)
         self._inboxes = _Table(self, subjects.live_direct_subject, confirm=False)
         self.connections: dict[str, Client] = {}
+        # Set while no connection is open (a drain waits on it).
+        self.empty = asyncio.Event()
+        self.empty.set()
         # Authenticated connections: the audience of global messages.
         self.authenticated: set[Client] = set()
         self._global_sub: Subscription | None = None
@@ -160,6 +163,7 @@ class Hub:
 
     def add(self, client: Client) -> None:
         self.connections[client.conn_id] = client
+        self.empty.clear()
 
     async def authenticated_as(self, client: Client, user_id: str) -> None:
         """A connection proved it is ``user_id``: it now receives that user's direct messages."""
@@ -169,6 +173,8 @@ class Hub:
     def remove(self, client: Client) -> None:
         """Forget a closed connection and leave its channels (unsubscribing in the background)."""
         self.connections.pop(client.conn_id, None)
+        if not self.connections:
+            self.empty.set()
         self.authenticated.discard(client)
         for room_id in list(client.rooms):
             self._rooms.discard(client, room_id)

@@ -8,10 +8,13 @@ through it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
+import random
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from nats.aio.client import Client as Nats
@@ -22,7 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from broker import natsconn, streams, subjects
 from broker.background import Background
-from gateway import disconnect
+from gateway import admission, disconnect
+from gateway.admission import AddressLimits
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
 from gateway.errors import ErrorCode, ProtocolError
@@ -31,6 +35,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.publisher import Publisher, unavailable
 from gateway.throttle import Coalescer
 from gateway.writer import Flusher
+
+if TYPE_CHECKING:
+    from gateway.client import Client
 
 log = structlog.get_logger("rtgate.gateway")
 
@@ -52,6 +59,20 @@ class Node:
         self._publisher: Publisher | None = None
         self._flusher: Flusher | None = None
         self._reprovisioning: asyncio.Task[Any] | None = None
+        self.addresses = AddressLimits(config.edge.max_connections_per_address,
+                                       config.edge.handshakes_per_second_per_address,
+                                       config.edge.handshake_burst_per_address)
+        self.trusted_proxies = admission.parse_networks(config.edge.trusted_proxies)
+        # SIGTERM received: no new sockets, clients being moved elsewhere.
+        self.draining = False
+        # Called when a drain has closed every socket (the CLI makes it exit).
+        self.on_drained: Callable[[], None] | None = None
+        # Plain counters for /stats, sampled once a second into a one-minute window.
+        self.frames_in = 0
+        self.errors_out = 0
+        self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque(
+            maxlen=61)
+        self._started_at = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -81,6 +102,7 @@ class Node:
         self.spawn(self.metrics.streams.poll(
             self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
             self.background, self._on_stream_info))
+        self._samples.append((time.monotonic(), 0, 0, 0))
         self.spawn(self._housekeeping())
         log.info("gateway started", gateway_id=self.gateway_id)
 
@@ -244,8 +266,87 @@ class Node:
         log.info("control disconnect", target=target[0], count=len(clients), code=chosen.code)
 
     async def _housekeeping(self) -> None:
-        while await self.background.sleep(10):
-            self.typing.forget_idle(time.monotonic())
+        ticks = 0
+        while await self.background.sleep(1):
+            now = time.monotonic()
+            self._samples.append((now, self.frames_in, self.flusher.frames_sent,
+                                  self.errors_out))
+            ticks += 1
+            if ticks % 10 == 0:
+                self.typing.forget_idle(now)
+                self.addresses.sweep(now, idle=60)
+
+    @property
+    def unauthenticated(self) -> int:
+        return len(self.hub.connections) - len(self.hub.authenticated)
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        current = (now, self.frames_in, self.flusher.frames_sent, self.errors_out)
+        oldest = next((s for s in self._samples if now - s[0] <= 60), current)
+        span = max(now - oldest[0], 1.0)
+        per_minute = 60.0 / span
+        frames_in = current[1] - oldest[1]
+        errors = current[3] - oldest[3]
+        return {
+            "gatewayId": self.gateway_id,
+            "connections": len(self.hub.connections),
+            "authenticated": len(self.hub.authenticated),
+            "rooms": len(self.hub.rooms),
+            "messagesPerMinuteIn": round(frames_in * per_minute, 1),
+            "messagesPerMinuteOut": round((current[2] - oldest[2]) * per_minute, 1),
+            "errorsPerMinute": round(errors * per_minute, 1),
+            "errorRate": round(errors / frames_in, 4) if frames_in else 0.0,
+            "natsConnected": self.nats_connected,
+            "draining": self.draining,
+            "healthy": self.nats_connected and not self.draining,
+            "uptimeSeconds": round(now - self._started_at, 1),
+        }
+
+    # -- drain -------------------------------------------------------------------
+
+    def tell_to_reconnect(self, client: Client) -> None:
+        """Ask a client to come back (elsewhere) after a short random delay, then close 1012."""
+        after_ms = random.randint(0, self.config.edge.reconnect_jitter_ms)
+        client.send({"type": "reconnect", "data": {"afterMs": after_ms}})
+        client.close(disconnect.RESTART)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: stop taking sockets and move the clients off, spread over the window.
+
+        A second SIGTERM during the drain ends it at once.
+        """
+        if self.draining:
+            log.warning("second signal during drain: stopping now")
+            self._drained()
+            return
+        self.draining = True
+        log.info("draining", connections=len(self.hub.connections),
+                 window=self.config.edge.drain_seconds)
+        self.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        window = self.config.edge.drain_seconds
+        clients = list(self.hub.connections.values())
+        random.shuffle(clients)
+        start = loop.time()
+        # Spread the closes over the window so the clients do not all land on
+        # the other gateways in the same instant.
+        for i, client in enumerate(clients):
+            delay = start + window * i / len(clients) - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.tell_to_reconnect(client)
+        deadline = start + window + self.config.server.close_timeout_seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hub.empty.wait(), max(0.0, deadline - loop.time()))
+        log.info("drained", left=len(self.hub.connections))
+        self._drained()
+
+    def _drained(self) -> None:
+        if self.on_drained is not None:
+            self.on_drained()
 
 
 def _control_target(subject: str, gateway_id: str) -> tuple[str, str]:

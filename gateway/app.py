@@ -45,7 +45,8 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
 
 async def _start(app: web.Application) -> None:
     node = app[NODE]
-    if node.config.auth.secret == DEV_SECRET:
+    hmac = any(a.startswith("HS") for a in node.config.auth.algorithms)
+    if hmac and node.config.auth.secret == DEV_SECRET:
         log.warning("auth.secret is the built-in development secret: anyone can mint tokens. "
                     "Set RTGATE_AUTH__SECRET before exposing this gateway.")
     if node.config.server.dev_allow_user_param:
@@ -56,6 +57,8 @@ async def _start(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         # Replaces aiohttp's own SIGTERM handler, which would stop at once.
         loop.add_signal_handler(signal.SIGTERM, node.begin_drain)
+        # Rotated keys are picked up by the file watch too; SIGHUP is immediate.
+        loop.add_signal_handler(signal.SIGHUP, node.auth.reload_keys)
 
         def exit_after_drain() -> None:
             loop.call_soon(_graceful_exit)

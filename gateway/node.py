@@ -102,6 +102,7 @@ class Node:
         self.spawn(self.metrics.streams.poll(
             self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
             self.background, self._on_stream_info))
+        self.spawn(self.auth.watch_keys(self.background, self.config.auth.jwks_check_seconds))
         self._samples.append((time.monotonic(), 0, 0, 0))
         self.spawn(self._housekeeping())
         log.info("gateway started", gateway_id=self.gateway_id)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker.settings import ConfigError
+from gateway.config import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--broker-port", type=int, default=8090, help="broker HTTP port")
     p.add_argument("--user", default="alice", help="user of the printed dev token")
 
-    p = sub.add_parser("token", help="mint a signed JWT with the configured secret")
+    p = sub.add_parser("token", help="mint a JWT: HS with the configured secret, or RS/ES "
+                                     "with --private-key")
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
     p.add_argument("--user", required=True, help="user id (sub)")
     p.add_argument("--name", help="display name")
@@ -57,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--publish", type=_patterns,
                    help="rooms it may post to (default: as --rooms; '' for receive-only)")
     p.add_argument("--admin", action="store_true", help="may broadcast to everyone")
+    p.add_argument("--private-key", metavar="FILE",
+                   help="sign with this PEM private key (RSA or EC P-256/P-384) instead of "
+                        "the secret")
+    p.add_argument("--kid", help="key id for the header; RS/ES tokens need one the gateway's "
+                                 "JWKS has")
+    p.add_argument("--alg", choices=PUBLIC_KEY_ALGORITHMS + HMAC_ALGORITHMS,
+                   help="signing algorithm (default: RS256 for an RSA key, ES256 for P-256, "
+                        "ES384 for P-384; else the first HS in auth.algorithms)")
 
     args = parser.parse_args(argv)
     try:
@@ -95,7 +105,7 @@ def _serve(app_factory: str, config_path: str | None) -> None:
 
         gcfg = gconfig.load(config_path)
         logs.configure(gcfg.log, "gateway")
-        app = gateway_app(gcfg)
+        app = gateway_app(gcfg, handle_signals=True)
         host, port = gcfg.server.host, gcfg.server.port
         nats_urls = gcfg.nats.urls
     else:
@@ -136,8 +146,24 @@ def _token(args: argparse.Namespace) -> None:
     from gateway.auth import mint
 
     cfg = gconfig.load(args.config)
-    print(mint(cfg.auth, args.user, name=args.name, ttl_seconds=args.ttl, rooms=args.rooms,
-               publish=args.publish, admin=args.admin))
+    pem: str | None = None
+    if args.private_key is not None:
+        try:
+            pem = Path(args.private_key).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"rtgate token: cannot read {args.private_key}: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if not args.kid:
+            print("rtgate token: warning: no --kid; the gateway refuses RS/ES tokens without "
+                  "one", file=sys.stderr)
+    try:
+        token = mint(cfg.auth, args.user, name=args.name, ttl_seconds=args.ttl,
+                     rooms=args.rooms, publish=args.publish, admin=args.admin,
+                     private_key=pem, kid=args.kid, algorithm=args.alg)
+    except ValueError as exc:
+        print(f"rtgate token: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(token)
 
 
 def _wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:

@@ -42,6 +42,12 @@ Handler = Callable[["Client", protocol.Frame], Awaitable[Any]]
 
 
 class Client:
+    # Thousands of these live per process: slots keep each one small.
+    __slots__ = (
+        "_bad_frames", "_bucket", "_refusals", "_timers", "closing", "conn_id", "fmt",
+        "identity", "key", "node", "opened_at", "remote", "rooms", "user_id", "writer", "ws",
+    )
+
     def __init__(
         self,
         node: Node,

@@ -65,6 +65,11 @@ class StreamSettings:
     replicas: int = 1
     # How often stream fill levels are read for the metrics.
     stats_interval_seconds: float = 5.0
+    # What a reconnecting client can recover from the streams: messages newer
+    # than this, at most this many per room. The broker purges only what it
+    # has stored and what is older than the window.
+    recovery_window_seconds: float = 120.0
+    recovery_max_messages: int = 1000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

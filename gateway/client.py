@@ -19,11 +19,12 @@ import structlog
 from aiohttp import web
 
 from broker import subjects
-from gateway import codec, disconnect, protocol
+from gateway import codec, disconnect, protocol, recovery
 from gateway.auth import AuthError, Identity
 from gateway.codec import WireFormat
 from gateway.disconnect import Disconnect
 from gateway.errors import ErrorCode, ProtocolError
+from gateway.hub import DIRECT_HOLD, GLOBAL_HOLD, Event, room_hold_key
 from gateway.publisher import PubAck
 from gateway.ratelimit import RefusalStreak, TokenBucket
 from gateway.writer import Writer
@@ -44,7 +45,7 @@ Handler = Callable[["Client", protocol.Frame], Awaitable[Any]]
 class Client:
     # Thousands of these live per process: slots keep each one small.
     __slots__ = (
-        "_bad_frames", "_bucket", "_refusals", "_timers", "closing", "conn_id", "fmt",
+        "_bad_frames", "_bucket", "_refusals", "_timers", "closing", "conn_id", "fmt", "holds",
         "identity", "key", "node", "opened_at", "remote", "rooms", "user_id", "writer", "ws",
     )
 
@@ -74,6 +75,10 @@ class Client:
         self._bad_frames = 0
         self._refusals = RefusalStreak(_ABUSE_SECONDS)
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Channels being replayed: their live frames wait here (offset, prevOffset,
+        # frame) until the replay is sent. None almost always, so the fan-out
+        # pays one attribute check.
+        self.holds: dict[str, list[tuple[int, int, bytes]]] | None = None
         self.opened_at = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------
@@ -188,6 +193,40 @@ class Client:
         else:
             self.send(protocol.error_frame(exc))
 
+    # -- replay holds ------------------------------------------------------------
+
+    def hold(self, key: str, parsed: Event, frame: bytes) -> bool:
+        """Keep a live frame of a channel being replayed; False if it is not held."""
+        assert self.holds is not None
+        held = self.holds.get(key)
+        if held is None:
+            return False
+        held.append((parsed.offset, parsed.prev, frame))
+        return True
+
+    def holds_start(self, key: str) -> None:
+        if self.holds is None:
+            self.holds = {}
+        self.holds.setdefault(key, [])
+
+    def holds_peek(self, key: str) -> list[tuple[int, int, bytes]]:
+        return self.holds.get(key, []) if self.holds is not None else []
+
+    def holds_release(self, key: str, delivered: int | None) -> int:
+        """Send the held frames newer than ``delivered`` (all when None); stop holding.
+
+        Returns the newest stored offset the client now has.
+        """
+        held = self.holds.pop(key, []) if self.holds is not None else []
+        if self.holds is not None and not self.holds:
+            self.holds = None
+        newest = delivered or 0
+        for offset, _prev, frame in held:
+            if delivered is None or offset == 0 or offset > delivered:
+                self.writer.send(frame)
+                newest = max(newest, offset)
+        return newest
+
     # -- outbound --------------------------------------------------------------
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -293,28 +332,104 @@ class Client:
 
     async def on_join(self, frame: protocol.Frame) -> Any:
         room_id = protocol.room_id(frame.data)
-        assert self.identity is not None
-        if not self.identity.may_join(room_id):
-            raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
-        node = self.node
-        if not node.nats_connected:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
-        rejoin = room_id in self.rooms
-        if not rejoin:
-            if len(self.rooms) >= node.config.limits.max_rooms:
-                raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                                    f"at most {node.config.limits.max_rooms} rooms per connection")
+        since_raw = frame.data.get("since") if isinstance(frame.data, dict) else None
+        since = recovery.position(since_raw) if since_raw is not None else None
+        self._check_may_join(room_id)
+        if since is None:
+            new = await self._join(room_id)
+            node = self.node
             try:
-                await node.hub.join(self, room_id)
-            except Exception as exc:
-                raise ProtocolError(ErrorCode.UNAVAILABLE, "could not subscribe to room") from exc
+                offset = await node.last_room_offset(room_id)
+            except ProtocolError:
+                if new:  # a failed re-join keeps the membership it had
+                    node.hub.leave(self, room_id)
+                raise
+            return {"roomId": room_id, "offset": offset, "epoch": node.room_epoch()}
+        budget = recovery.Budget(self.node.config.limits.resume_budget)
+        result = await self._join_and_replay(room_id, since, budget)
+        return {"roomId": room_id, "offset": result["offset"], "epoch": result["epoch"],
+                "rooms": {room_id: result}}
+
+    def _check_may_join(self, room_id: str) -> None:
+        if not self._identity().may_join(room_id):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
+        if not self.node.nats_connected:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
+
+    async def _join(self, room_id: str) -> bool:
+        """Join (idempotent); True when the connection was not in the room before."""
+        if room_id in self.rooms:
+            return False
+        limit = self.node.config.limits.max_rooms
+        if len(self.rooms) >= limit:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} rooms per connection")
         try:
-            offset = await node.last_room_offset(room_id)
-        except ProtocolError:
-            if not rejoin:
-                node.hub.leave(self, room_id)
+            await self.node.hub.join(self, room_id)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "could not subscribe to room") from exc
+        return True
+
+    async def _join_and_replay(self, room_id: str, since: recovery.Position | None,
+                               budget: recovery.Budget) -> dict[str, Any]:
+        key = room_hold_key(room_id)
+        self.holds_start(key)
+        try:
+            new = await self._join(room_id)
+        except BaseException:
+            self.holds_release(key, None)
             raise
-        return {"roomId": room_id, "offset": offset, "epoch": node.room_epoch()}
+        target = recovery.Target(key, subjects.ROOMS_STREAM, subjects.room_subject(room_id))
+        try:
+            return await recovery.replay(self, target, since, budget)
+        except ProtocolError:
+            if new:
+                self.node.hub.leave(self, room_id)
+            raise
+
+    async def on_resume(self, frame: protocol.Frame) -> Any:
+        """After reconnecting anywhere: rejoin rooms and replay what was missed, in order."""
+        data = frame.data
+        if not isinstance(data, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'data' must be a map")
+        rooms = data.get("rooms", {})
+        if not isinstance(rooms, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'rooms' must map room ids to positions")
+        limit = self.node.config.limits.max_rooms
+        if len(rooms) > limit:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} rooms per connection")
+        # Validate everything before acting on anything.
+        wanted = {protocol.room_id(room_id): recovery.position(pos)
+                  for room_id, pos in rooms.items()}
+        extra = {name: recovery.position(data[name]) for name in ("direct", "global")
+                 if data.get(name) is not None}
+        if not self.node.nats_connected:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
+        budget = recovery.Budget(self.node.config.limits.resume_budget)
+        result: dict[str, Any] = {"rooms": {}}
+        for room_id, since in wanted.items():
+            if not self._identity().may_join(room_id):
+                # Authorized again against the current token: no skipping auth.
+                result["rooms"][room_id] = {"recovered": False, "error": ProtocolError(
+                    ErrorCode.FORBIDDEN, "token does not allow this room").as_dict()}
+                continue
+            try:
+                result["rooms"][room_id] = await self._join_and_replay(room_id, since, budget)
+            except ProtocolError as exc:
+                result["rooms"][room_id] = {"recovered": False, "error": exc.as_dict()}
+        for name, since in extra.items():
+            target = self._personal_target(name)
+            self.holds_start(target.hold_key)
+            try:
+                result[name] = await recovery.replay(self, target, since, budget)
+            except ProtocolError as exc:
+                result[name] = {"recovered": False, "error": exc.as_dict()}
+        return result
+
+    def _personal_target(self, name: str) -> recovery.Target:
+        if name == "direct":
+            return recovery.Target(DIRECT_HOLD, subjects.DIRECT_STREAM,
+                                   subjects.direct_subject(self.user_id))
+        return recovery.Target(GLOBAL_HOLD, subjects.GLOBAL_STREAM, subjects.GLOBAL_SUBJECT)
 
     async def on_leave(self, frame: protocol.Frame) -> Any:
         room_id = protocol.room_id(frame.data)
@@ -558,4 +673,5 @@ _HANDLERS: dict[str, Handler] = {
     "broadcast:global": Client.on_global,
     "room:event": Client.on_room_event,
     "batch": Client.on_batch,
+    "resume": Client.on_resume,
 }

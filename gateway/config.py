@@ -95,6 +95,8 @@ class LimitSettings:
     outbox_bytes: int = 4 * 1024 * 1024
     # chat:typing forwarded per user per room per second (coalesced, latest wins).
     typing_per_second: float = 2.0
+    # Messages one resume may replay across all its channels.
+    resume_budget: int = 5000
 
     def __post_init__(self) -> None:
         require(self.max_frame_bytes >= 1024, "limits.max_frame_bytes must be >= 1024")

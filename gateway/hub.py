@@ -22,7 +22,7 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker import subjects
+from broker import jsread, subjects
 from gateway import codec
 from gateway.writer import Flusher
 
@@ -41,7 +41,12 @@ _YIELD_EVERY = 32
 @dataclasses.dataclass(eq=False, slots=True)
 class Channel:
     key: str
+    # How a client names this channel in its replay holds ("room:<id>", "direct", "global").
+    hold_key: str = ""
     members: set[Client] = dataclasses.field(default_factory=set)
+    # Offset of the last stored message delivered here: the next one's prevOffset
+    # must equal it, or the gateway missed something and fills the gap first.
+    last: int = 0
     sub: Subscription | None = None
     # Set once the NATS subscription exists; later members wait on it.
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -52,8 +57,10 @@ class _Table:
     """Channels of one kind (rooms, inboxes), each with its NATS subscription."""
 
     def __init__(self, hub: Hub, live_subject: Callable[[str], str],
+                 hold_key: Callable[[str], str],
                  on_size: Callable[[int], None] | None = None, *, confirm: bool = True) -> None:
         self._hub = hub
+        self._hold_key = hold_key
         # Confirm each new subscription with a round trip (rooms: the join ack
         # promises delivery of everything after it). Inboxes skip it so that a
         # connection can authenticate while NATS is away; nats-py re-sends the
@@ -71,13 +78,13 @@ class _Table:
         """Add a member, subscribing first if the channel is new here; raises if that fails."""
         channel = self.channels.get(key)
         if channel is None:
-            channel = Channel(key)
+            channel = Channel(key, self._hold_key(key))
             self.channels[key] = channel
             channel.members.add(client)
             nc = self._hub.nc
             try:
                 sub = await nc.subscribe(self._live_subject(key),
-                                         cb=self._hub.callback(channel.members))
+                                         cb=self._hub.callback(channel))
                 if self._confirm:
                     # A round trip, so a message published anywhere after this
                     # returns is certain to reach the subscription.
@@ -132,24 +139,28 @@ class Hub:
         flusher: Flusher,
         epochs: Mapping[str, str],
         on_rooms_changed: Callable[[int], None],
+        on_gap_filled: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_gap_filled = on_gap_filled
         self.nc = nc
         self._flusher = flusher
         # The node's live mapping of stream name to epoch.
         self._epochs = epochs
-        self._rooms = _Table(self, subjects.live_room_subject, on_rooms_changed)
-        self._inboxes = _Table(self, subjects.live_direct_subject, confirm=False)
+        self._rooms = _Table(self, subjects.live_room_subject, room_hold_key, on_rooms_changed)
+        self._inboxes = _Table(self, subjects.live_direct_subject, lambda _: DIRECT_HOLD,
+                               confirm=False)
         self.connections: dict[str, Client] = {}
         # Set while no connection is open (a drain waits on it).
         self.empty = asyncio.Event()
         self.empty.set()
         # Authenticated connections: the audience of global messages.
-        self.authenticated: set[Client] = set()
+        self._global = Channel("global", GLOBAL_HOLD)
+        self.authenticated: set[Client] = self._global.members
         self._global_sub: Subscription | None = None
 
     async def start(self) -> None:
         self._global_sub = await self.nc.subscribe(
-            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(self.authenticated))
+            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(self._global))
 
     @property
     def rooms(self) -> dict[str, Channel]:
@@ -205,12 +216,24 @@ class Hub:
 
     # -- fan-out -------------------------------------------------------------
 
-    def callback(self, members: Collection[Client]) -> Callable[[Msg], Any]:
+    def callback(self, channel: Channel) -> Callable[[Msg], Any]:
         since_yield = 0
 
         async def on_message(msg: Msg) -> None:
             nonlocal since_yield
-            self.deliver(members, msg)
+            parsed = _parse(msg)
+            if parsed is None:
+                return
+            if parsed.offset:
+                if channel.last and parsed.prev > channel.last:
+                    # Republish is at-most-once: something between what we
+                    # delivered and this message never reached us. Fetch it
+                    # from the stream and deliver it first, in order.
+                    await self._fill_gap(channel, parsed)
+                if parsed.offset <= channel.last:
+                    return  # already delivered (by a gap fill)
+                channel.last = parsed.offset
+            self.deliver(channel.members, channel.hold_key, parsed)
             # nats-py hands a burst of queued messages to this callback without
             # returning to the event loop, so nothing would be written until the
             # burst ends. Yielding now and then lets the flusher write (frames
@@ -223,46 +246,57 @@ class Hub:
 
         return on_message
 
-    def deliver(self, members: Collection[Client], msg: Msg) -> None:
-        """Queue one NATS message to every member connection; never awaits."""
+    async def _fill_gap(self, channel: Channel, parsed: Event) -> None:
+        after = channel.last
+        try:
+            missing = await jsread.run_of(
+                self.nc, parsed.stream, parsed.subject, after, parsed.prev - after,
+                timeout=2.0, min_last_seq=parsed.prev)
+        except jsread.ReadError as exc:
+            log.warning("could not fill a gap from the stream", channel=channel.key,
+                        after=after, before=parsed.offset, error=str(exc))
+            return
+        if self._on_gap_filled is not None:
+            self._on_gap_filled(len(missing))
+        for stored in missing:
+            if stored.seq >= parsed.offset:
+                break
+            event = stored_event(stored, parsed.stream, after)
+            if event is not None:
+                self.deliver(channel.members, channel.hold_key, event)
+                after = stored.seq
+                channel.last = stored.seq
+
+    def deliver(self, members: Collection[Client], hold_key: str, parsed: Event) -> None:
+        """Queue one event to every member connection; never awaits."""
         if not members:
             return
         received = time.perf_counter()
-        try:
-            event = json.loads(msg.data)
-            data = event["data"]
-            kind = event["type"]
-            if not isinstance(data, dict) or not isinstance(kind, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            log.warning("dropping malformed event from NATS", subject=msg.subject)
-            return
-        headers = msg.headers
-        origin = headers.get(subjects.HDR_ORIGIN) if headers else None
-        stored = headers is not None and subjects.HDR_SEQUENCE in headers
+        event = parsed.event
+        data = event["data"]
+        stored = parsed.offset > 0
         if stored:
-            assert headers is not None
-            offset = int(headers[subjects.HDR_SEQUENCE])
-            epoch = self._epochs.get(headers.get(subjects.HDR_STREAM, ""), "")
-            data["id"] = subjects.message_id(epoch, offset)
-            data["offset"] = offset
-            data["epoch"] = epoch
-            data["prevOffset"] = int(headers.get(subjects.HDR_LAST_SEQUENCE, "0") or 0)
+            decorate(parsed, self._epochs.get(parsed.stream, ""))
+        origin = parsed.origin
         frames: list[bytes | None] = [None, None]
         encode = codec.encode_frame
         for client in members:
+            fmt = client.fmt
             if client.key == origin:
                 if not stored:
                     continue  # ephemeral events skip the sender
-                sent_type = _SENT_VARIANT.get(kind)
+                sent_type = _SENT_VARIANT.get(parsed.kind)
                 if sent_type is not None:
-                    client.writer.send(encode(client.fmt, {"type": sent_type, "data": data}))
+                    own = encode(fmt, {"type": sent_type, "data": data})
+                    if client.holds is None or not client.hold(hold_key, parsed, own):
+                        client.writer.send(own)
                     continue
-            fmt = client.fmt
-            frame = frames[fmt]
-            if frame is None:
-                frame = frames[fmt] = encode(fmt, event)
-            client.writer.send(frame)
+            cached = frames[fmt]
+            frame = cached if cached is not None else encode(fmt, event)
+            frames[fmt] = frame
+            # A client replaying this channel gets live frames after its replay.
+            if client.holds is None or not client.hold(hold_key, parsed, frame):
+                client.writer.send(frame)
         self._flusher.stamp(received)
 
     async def close(self) -> None:
@@ -270,6 +304,68 @@ class Hub:
         await self._inboxes.close()
         if self._global_sub is not None:
             await _unsubscribe(self._global_sub)
+
+
+def room_hold_key(room_id: str) -> str:
+    return "room:" + room_id
+
+
+DIRECT_HOLD = "direct"
+GLOBAL_HOLD = "global"
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    """One event from NATS, parsed once for every recipient."""
+
+    event: dict[str, Any]
+    kind: str
+    origin: str | None
+    # Stored events: their sequence and the previous one on the same subject;
+    # 0 for ephemeral events.
+    offset: int = 0
+    prev: int = 0
+    stream: str = ""
+    subject: str = ""
+
+
+def decorate(parsed: Event, epoch: str) -> None:
+    """Add what only the stream knows to a stored event's data: id, offset, epoch, prevOffset."""
+    data = parsed.event["data"]
+    data["id"] = subjects.message_id(epoch, parsed.offset)
+    data["offset"] = parsed.offset
+    data["epoch"] = epoch
+    data["prevOffset"] = parsed.prev
+
+
+def _parse(msg: Msg) -> Event | None:
+    try:
+        event = json.loads(msg.data)
+        kind = event["type"]
+        if not isinstance(event["data"], dict) or not isinstance(kind, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        log.warning("dropping malformed event from NATS", subject=msg.subject)
+        return None
+    headers = msg.headers
+    if not headers:
+        return Event(event, kind, None)
+    origin = headers.get(subjects.HDR_ORIGIN)
+    seq = headers.get(subjects.HDR_SEQUENCE)
+    if seq is None:
+        return Event(event, kind, origin)
+    return Event(event, kind, origin, int(seq),
+                 int(headers.get(subjects.HDR_LAST_SEQUENCE, "0") or 0),
+                 headers.get(subjects.HDR_STREAM, ""), headers.get("Nats-Subject", ""))
+
+
+def stored_event(stored: jsread.Stored, stream: str, prev: int) -> Event | None:
+    """An event read back from the stream, as it would have arrived live."""
+    event = stored.event
+    if not isinstance(event, dict) or not isinstance(event.get("data"), dict) or \
+            not isinstance(event.get("type"), str):
+        return None
+    return Event(event, event["type"], None, stored.seq, prev, stream, stored.subject)
 
 
 async def _unsubscribe(sub: Subscription) -> None:

@@ -63,6 +63,16 @@ class GatewayMetrics:
         self.closes = Counter(
             "rtgate_closes_total", "Connections closed by the gateway, by close code", ["code"],
             registry=registry)
+        self.recoveries = Counter(
+            "rtgate_recoveries_total", "Channel recoveries on join or resume, by result",
+            ["result"], registry=registry)
+        self.recovered_messages = Counter(
+            "rtgate_recovered_messages_total", "Messages replayed to recovering clients",
+            registry=registry)
+        self.gaps_filled = Counter(
+            "rtgate_gap_messages_total",
+            "Stored messages the gateway read from the stream because republish missed them",
+            registry=registry)
         self.streams = StreamMetrics(registry)
 
     def watch_sent(self, read: Callable[[], tuple[int, int]]) -> None:

@@ -92,7 +92,8 @@ class Node:
         self._publisher = Publisher(self._nc, self.config.nats.ack_timeout,
                                     self._reprovision_soon)
         await self._publisher.start()
-        self._hub = Hub(self._nc, self._flusher, self.epochs, self.metrics.rooms_subscribed.set)
+        self._hub = Hub(self._nc, self._flusher, self.epochs, self.metrics.rooms_subscribed.set,
+                        self.metrics.gaps_filled.inc)
         await self._hub.start()
         await self._nc.subscribe(
             subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control)

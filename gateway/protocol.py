@@ -22,7 +22,7 @@ MAX_FRAME_ID = 2**53 - 1
 # Every type a client may send, so metrics and errors never use client text as a label.
 CLIENT_TYPES = frozenset({
     "auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping",
-    "direct:message", "broadcast:global", "room:event", "batch",
+    "direct:message", "broadcast:global", "room:event", "batch", "resume",
 })
 MAX_BATCH = 50
 _EVENT_NAME = re.compile(r"[a-z0-9:_-]{1,64}")

@@ -116,15 +116,16 @@ def presence_subject(event: str, gateway_id: str) -> str:
     return f"{PRESENCE_PREFIX}{event}.{encode_token(gateway_id)}"
 
 
-def dedup_id(user_id: str, target: str, client_id: str) -> str:
+def dedup_id(user_id: str, kind: str, target: str, client_id: str) -> str:
     """The ``Nats-Msg-Id`` of a client retry.
 
-    Scoped to the user (two users' clientIds never collide) and to the target
-    (a room id, or the recipient of a direct message): the stream checks ids
-    across all its subjects, and a clientId reused for another room must be a
-    new message, not an ack for the old one.
+    Scoped to the user (two users' clientIds never collide), the kind of event
+    and the target (a room id, or the recipient of a direct message): the
+    stream checks ids across all its subjects, and a clientId reused for
+    another room or another kind must be a new message, not an ack for the
+    old one.
     """
-    return f"{encode_token(user_id)}:{encode_token(target)}:{client_id}"
+    return f"{encode_token(user_id)}:{encode_token(kind)}:{encode_token(target)}:{client_id}"
 
 
 def message_id(epoch: str, offset: int) -> str:

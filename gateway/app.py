@@ -97,6 +97,7 @@ def _admit(request: web.Request, node: Node, address: str) -> web.Response | Non
     """Edge checks before the upgrade; a refusal is an HTTP status with a JSON body."""
     edge = node.config.edge
     if node.draining:
+        node.metrics.connections_total.labels("draining").inc()
         return error_response(503, ErrorCode.UNAVAILABLE, "gateway is draining; reconnect")
     if not admission.origin_allowed(request.headers.get("Origin"), edge.allowed_origins):
         node.metrics.connections_total.labels("bad_origin").inc()
@@ -111,9 +112,9 @@ def _admit(request: web.Request, node: Node, address: str) -> web.Response | Non
 async def websocket(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     cfg = node.config
-    address = admission.client_address(request.remote or "?",
-                                       request.headers.get("X-Forwarded-For"),
-                                       node.trusted_proxies)
+    # Every X-Forwarded-For line: a proxy may add its own line instead of appending.
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+    address = admission.client_address(request.remote or "?", forwarded, node.trusted_proxies)
     refusal = _admit(request, node, address)
     if refusal is not None:
         return refusal

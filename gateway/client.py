@@ -8,7 +8,6 @@ when the PubAck arrives, through a future callback rather than a task.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import secrets
 import time
@@ -19,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from broker import subjects
-from gateway import codec, disconnect, protocol, recovery
+from gateway import codec, disconnect, durable, protocol, recovery
 from gateway.auth import AuthError, Identity
 from gateway.codec import WireFormat
 from gateway.disconnect import Disconnect
@@ -249,8 +248,7 @@ class Client:
                     self.send({"type": "room:removed", "data": {
                         "roomId": room_id, "reason": "token no longer allows this room"}})
             return
-        if len(self.node.hub.by_user(identity.user_id)) >= \
-                self.node.config.edge.max_connections_per_user:
+        if self._over_user_cap(identity.user_id):
             self.close(disconnect.TOO_MANY_CONNECTIONS)
             return
         try:
@@ -262,6 +260,9 @@ class Client:
         log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
                  remote=self.remote)
         self.send({"type": "welcome", "data": self._welcome()})
+
+    def _over_user_cap(self, user_id: str) -> bool:
+        return len(self.node.hub.by_user(user_id)) >= self.node.config.edge.max_connections_per_user
 
     def _schedule_expiry(self, identity: Identity) -> None:
         self._cancel_timer("expiry")
@@ -308,6 +309,9 @@ class Client:
         if self.identity is not None and identity.user_id != self.identity.user_id:
             self.close(Disconnect(disconnect.BAD_TOKEN.code, "token is for another user",
                                   disconnect.BAD_TOKEN.reconnect))
+            return _DEFERRED
+        if self.identity is None and self._over_user_cap(identity.user_id):
+            self.close(disconnect.TOO_MANY_CONNECTIONS)
             return _DEFERRED
         if self.identity is None and frame.id is not None:
             # Ack before welcome: the client learns its request worked, then its session.
@@ -449,9 +453,7 @@ class Client:
             "content": msg.content,
             "timestamp": protocol.timestamp(time.time()),
         }
-        return await self._publish_durable(
-            frame, _Durable(subjects.ROOMS_STREAM, subjects.room_subject(msg.room_id),
-                            "chat:message", msg.room_id, _message_ack), body, msg.client_id)
+        return await self._publish_durable(frame, durable.chat(msg.room_id), body, msg.client_id)
 
     async def on_direct(self, frame: protocol.Frame) -> Any:
         msg = protocol.direct_message(frame.data, self.node.config.limits.max_content_bytes)
@@ -463,9 +465,8 @@ class Client:
             "content": msg.content,
             "timestamp": protocol.timestamp(time.time()),
         }
-        return await self._publish_durable(
-            frame, _Durable(subjects.DIRECT_STREAM, subjects.direct_subject(msg.to_user_id),
-                            "direct:message", msg.to_user_id, _message_ack), body, msg.client_id)
+        return await self._publish_durable(frame, durable.direct(msg.to_user_id), body,
+                                           msg.client_id)
 
     async def on_global(self, frame: protocol.Frame) -> Any:
         msg = protocol.global_message(frame.data, self.node.config.limits.max_content_bytes)
@@ -478,9 +479,7 @@ class Client:
             "content": msg.content,
             "timestamp": protocol.timestamp(time.time()),
         }
-        return await self._publish_durable(
-            frame, _Durable(subjects.GLOBAL_STREAM, subjects.GLOBAL_SUBJECT, "global:message",
-                            "", _message_ack), body, msg.client_id)
+        return await self._publish_durable(frame, durable.broadcast(), body, msg.client_id)
 
     async def on_room_event(self, frame: protocol.Frame) -> Any:
         ev = protocol.room_event(frame.data)
@@ -495,33 +494,28 @@ class Client:
             "timestamp": protocol.timestamp(time.time()),
         }
         if ev.durable:
-            return await self._publish_durable(
-                frame, _Durable(subjects.ROOMS_STREAM, subjects.room_subject(ev.room_id),
-                                "room:event", ev.room_id, _offset_ack), body, ev.client_id)
+            return await self._publish_durable(frame, durable.room_event(ev.room_id), body,
+                                               ev.client_id)
         node = self.node
         if not node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
-        await node.publish_ephemeral(subjects.live_room_subject(ev.room_id),
-                                     {"type": "room:event", "data": body}, self.key)
+        # Checked like a durable event: every recipient's wire format must carry it.
+        payload = durable.payload({"type": "room:event", "data": body},
+                                  node.config.limits.max_frame_bytes)
+        await node.publish_ephemeral(subjects.live_room_subject(ev.room_id), payload, self.key)
         return None
 
-    async def _publish_durable(self, frame: protocol.Frame, target: _Durable,
+    async def _publish_durable(self, frame: protocol.Frame, target: durable.Target,
                                body: dict[str, Any], client_id: str | None) -> Any:
         """Store ``body`` in its stream; the ack is written when the PubAck arrives."""
-        headers = {subjects.HDR_ORIGIN: self.key}
-        if client_id is not None:
-            headers[subjects.HDR_MSG_ID] = subjects.dedup_id(
-                self.user_id, target.dedup_scope or "*", client_id)
-        payload = _json_payload({"type": target.kind, "data": body})
-        if len(payload) > self.node.config.limits.max_frame_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "event is over the frame size limit")
         started = time.perf_counter()
-        future = await self.node.publisher.publish(target.subject, payload, headers)
+        future = await durable.send(self.node, target, body, user_id=self.user_id,
+                                    client_id=client_id, origin=self.key)
         future.add_done_callback(
             functools.partial(self._on_stored, frame.id, target, body, started))
         return _DEFERRED
 
-    def _on_stored(self, frame_id: int | None, target: _Durable, body: dict[str, Any],
+    def _on_stored(self, frame_id: int | None, target: durable.Target, body: dict[str, Any],
                    started: float, future: asyncio.Future[PubAck]) -> None:
         node = self.node
         node.metrics.publish_latency.observe(time.perf_counter() - started)
@@ -535,22 +529,18 @@ class Client:
         if frame_id is None:
             return
         if ack.duplicate:
-            # A retry: answer with the message as first stored, not with this copy.
             node.spawn(self._ack_duplicate(frame_id, target, ack.seq))
             return
-        self.send(protocol.ack_ok(frame_id, target.ack(self._stored(target, body, ack.seq))))
+        self.send(protocol.ack_ok(frame_id, target.ack(durable.stored(node, target, body,
+                                                                      ack.seq))))
 
-    def _stored(self, target: _Durable, body: dict[str, Any], seq: int) -> dict[str, Any]:
-        epoch = self.node.epochs.get(target.stream, "")
-        return dict(body, id=subjects.message_id(epoch, seq), offset=seq, epoch=epoch)
-
-    async def _ack_duplicate(self, frame_id: int, target: _Durable, seq: int) -> None:
+    async def _ack_duplicate(self, frame_id: int, target: durable.Target, seq: int) -> None:
         try:
-            event = await self.node.stored_event(target.stream, seq)
+            message = await durable.original(self.node, target, seq)
         except ProtocolError as exc:
             self._report(frame_id, exc)
             return
-        self.send(protocol.ack_ok(frame_id, target.ack(self._stored(target, event["data"], seq))))
+        self.send(protocol.ack_ok(frame_id, target.ack(message)))
 
     async def on_batch(self, frame: protocol.Frame) -> Any:
         items = protocol.batch_items(frame.data)
@@ -586,8 +576,8 @@ class Client:
         now = time.monotonic()
         offer = node.typing.offer(key, event, now)
         if offer.send:
-            await node.publish_ephemeral(subjects.live_room_subject(typing.room_id), event,
-                                         self.key)
+            await node.publish_ephemeral(subjects.live_room_subject(typing.room_id),
+                                         codec.encode_payload(WireFormat.JSON, event), self.key)
         elif offer.release_at is not None:
             asyncio.get_running_loop().call_later(
                 max(0.0, offer.release_at - now), self._release_typing, key,
@@ -599,7 +589,8 @@ class Client:
         sent, event = node.typing.release(key, time.monotonic())
         still_member = self.closing is None and room_id in self.rooms
         if sent and event is not None and still_member and node.nats_connected:
-            node.spawn(node.publish_ephemeral(subjects.live_room_subject(room_id), event,
+            node.spawn(node.publish_ephemeral(subjects.live_room_subject(room_id),
+                                              codec.encode_payload(WireFormat.JSON, event),
                                               self.key))
 
     async def on_ping(self, frame: protocol.Frame) -> Any:
@@ -631,35 +622,6 @@ def _identity_data(identity: Identity) -> dict[str, Any]:
         "username": identity.username,
         "expiresAt": protocol.timestamp(expires) if expires is not None else None,
     }
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Durable:
-    """Where a durable send goes and how its ack looks."""
-
-    stream: str
-    subject: str
-    kind: str
-    # Scopes the clientId (room id, recipient): a clientId reused elsewhere is new.
-    dedup_scope: str
-    ack: Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def _message_ack(message: dict[str, Any]) -> dict[str, Any]:
-    return {"message": message}
-
-
-def _offset_ack(message: dict[str, Any]) -> dict[str, Any]:
-    return {"id": message["id"], "offset": message["offset"], "epoch": message["epoch"]}
-
-
-def _json_payload(event: dict[str, Any]) -> bytes:
-    try:
-        return codec.encode_payload(WireFormat.JSON, event)
-    except (TypeError, ValueError) as exc:
-        # msgpack clients can send binary or non-string keys; JSON clients could not read them.
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            "data must be JSON-compatible (no binary, string keys)") from exc
 
 
 _HANDLERS: dict[str, Handler] = {

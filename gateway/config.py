@@ -78,6 +78,7 @@ class AuthSettings:
         require(public or not self.jwks_file,
                 "auth.jwks_file is set but auth.algorithms has no RS or ES algorithm")
         require(self.timeout_seconds > 0, "auth.timeout_seconds must be > 0")
+        require(self.expiring_notice_seconds >= 0, "auth.expiring_notice_seconds must be >= 0")
         require(self.jwks_check_seconds >= 0, "auth.jwks_check_seconds must be >= 0")
 
 

@@ -84,7 +84,7 @@ class _Table:
             nc = self._hub.nc
             try:
                 sub = await nc.subscribe(self._live_subject(key),
-                                         cb=self._hub.callback(channel))
+                                         cb=self._hub.callback(lambda _: channel))
                 if self._confirm:
                     # A round trip, so a message published anywhere after this
                     # returns is certain to reach the subscription.
@@ -147,8 +147,11 @@ class Hub:
         # The node's live mapping of stream name to epoch.
         self._epochs = epochs
         self._rooms = _Table(self, subjects.live_room_subject, room_hold_key, on_rooms_changed)
-        self._inboxes = _Table(self, subjects.live_direct_subject, lambda _: DIRECT_HOLD,
-                               confirm=False)
+        # Users' direct inboxes by encoded user id. One wildcard subscription
+        # serves them all: a subscription per user costs ~7 KiB (nats-py gives
+        # each a queue and a task), more than the connection itself.
+        self._inboxes: dict[str, Channel] = {}
+        self._direct_sub: Subscription | None = None
         self.connections: dict[str, Client] = {}
         # Set while no connection is open (a drain waits on it).
         self.empty = asyncio.Event()
@@ -160,7 +163,12 @@ class Hub:
 
     async def start(self) -> None:
         self._global_sub = await self.nc.subscribe(
-            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(self._global))
+            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(lambda _: self._global))
+        prefix = len(subjects.LIVE_DIRECT_PREFIX)
+        inboxes = self._inboxes
+        self._direct_sub = await self.nc.subscribe(
+            subjects.LIVE_DIRECT_PREFIX + "*",
+            cb=self.callback(lambda msg: inboxes.get(msg.subject[prefix:])))
 
     @property
     def rooms(self) -> dict[str, Channel]:
@@ -168,7 +176,7 @@ class Hub:
 
     @property
     def inboxes(self) -> dict[str, Channel]:
-        return self._inboxes.channels
+        return self._inboxes
 
     # -- connections ---------------------------------------------------------
 
@@ -179,7 +187,11 @@ class Hub:
     async def authenticated_as(self, client: Client, user_id: str) -> None:
         """A connection proved it is ``user_id``: it now receives that user's direct messages."""
         self.authenticated.add(client)
-        await self._inboxes.add(client, user_id)
+        token = subjects.encode_token(user_id)
+        inbox = self._inboxes.get(token)
+        if inbox is None:
+            inbox = self._inboxes[token] = Channel(token, DIRECT_HOLD)
+        inbox.members.add(client)
 
     def remove(self, client: Client) -> None:
         """Forget a closed connection and leave its channels (unsubscribing in the background)."""
@@ -191,10 +203,15 @@ class Hub:
             self._rooms.discard(client, room_id)
         client.rooms.clear()
         if client.user_id:
-            self._inboxes.discard(client, client.user_id)
+            token = subjects.encode_token(client.user_id)
+            inbox = self._inboxes.get(token)
+            if inbox is not None:
+                inbox.members.discard(client)
+                if not inbox.members:
+                    del self._inboxes[token]
 
     def by_user(self, user_id: str) -> list[Client]:
-        inbox = self._inboxes.channels.get(user_id)
+        inbox = self._inboxes.get(subjects.encode_token(user_id))
         return list(inbox.members) if inbox is not None else []
 
     # -- rooms ---------------------------------------------------------------
@@ -216,11 +233,15 @@ class Hub:
 
     # -- fan-out -------------------------------------------------------------
 
-    def callback(self, channel: Channel) -> Callable[[Msg], Any]:
+    def callback(self, route: Callable[[Msg], Channel | None]) -> Callable[[Msg], Any]:
+        """A subscription callback; ``route`` names the channel a message is for."""
         since_yield = 0
 
         async def on_message(msg: Msg) -> None:
             nonlocal since_yield
+            channel = route(msg)
+            if channel is None:
+                return  # a direct message for a user not connected here
             parsed = _parse(msg)
             if parsed is None:
                 return
@@ -301,9 +322,9 @@ class Hub:
 
     async def close(self) -> None:
         await self._rooms.close()
-        await self._inboxes.close()
-        if self._global_sub is not None:
-            await _unsubscribe(self._global_sub)
+        for sub in (self._global_sub, self._direct_sub):
+            if sub is not None:
+                await _unsubscribe(sub)
 
 
 def room_hold_key(room_id: str) -> str:

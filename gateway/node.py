@@ -186,10 +186,10 @@ class Node:
         event: dict[str, Any] = json.loads(msg.data)
         return event
 
-    async def publish_ephemeral(self, subject: str, event: dict[str, Any], origin: str) -> None:
+    async def publish_ephemeral(self, subject: str, payload: bytes, origin: str) -> None:
+        """A core publish straight to a live subject: never stored, at most once."""
         if not self.nats_connected:
             raise unavailable()
-        payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
         await self.nc.publish(subject, payload, headers={subjects.HDR_ORIGIN: origin})
 
     async def _load_streams(self) -> None:
@@ -298,7 +298,8 @@ class Node:
             "messagesPerMinuteIn": round(frames_in * per_minute, 1),
             "messagesPerMinuteOut": round((current[2] - oldest[2]) * per_minute, 1),
             "errorsPerMinute": round(errors * per_minute, 1),
-            "errorRate": round(errors / frames_in, 4) if frames_in else 0.0,
+            # Inner frames of a batch can fail separately: cap at one error per frame.
+            "errorRate": round(min(1.0, errors / frames_in), 4) if frames_in else 0.0,
             "natsConnected": self.nats_connected,
             "draining": self.draining,
             "healthy": self.nats_connected and not self.draining,

@@ -100,6 +100,8 @@ async def test_binary_event_data_from_msgpack_is_refused(gateway: Gateway,
     await a.ok("room:join", "r")
     assert await a.error("room:event", {"roomId": "r", "event": "blob", "data": b"\x00\x01",
                                         "durable": True}) == "bad_request"
+    assert await a.error("room:event", {"roomId": "r", "event": "blob", "data": b"\x00"}
+                         ) == "bad_request"  # ephemeral events are checked the same way
     await a.ok("room:event", {"roomId": "r", "event": "ok", "data": {"n": 1}, "durable": True})
     assert msgpack.packb(1)  # msgpack clients still send everything JSON can carry
 

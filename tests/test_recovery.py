@@ -201,7 +201,7 @@ async def test_gateway_fills_a_missed_live_copy_from_the_stream(
         await store("two")
         await store("three")
         channel.sub = await gw.node.nc.subscribe(subjects.live_room_subject("r"),
-                                                 cb=gw.node.hub.callback(channel))
+                                                 cb=gw.node.hub.callback(lambda _: channel))
         await gw.node.nc.flush()
         # ... and notices when the next one's prevOffset skips them.
         await store("four")

@@ -38,7 +38,8 @@ def test_subject_examples() -> None:
     assert subjects.room_subject("a.b") == "rt.room.a~2eb"
     assert subjects.room_subject("~2e") == "rt.room.~7e2e"
     assert subjects.live_room_subject("auth0|1") == "rt.live.room.auth0~7c1"
-    assert subjects.dedup_id("a@b", "room.1", "c1") == "a~40b:room~2e1:c1"
+    assert subjects.dedup_id("a@b", "chat:message", "room.1", "c1") == \
+        "a~40b:chat~3amessage:room~2e1:c1"
     with pytest.raises(ValueError):
         subjects.encode_token("")
 

@@ -27,7 +27,7 @@ T = TypeVar("T")
 # Sections of every rtgate service. A service skips the others' sections, so
 # one file or one environment can serve both; any other name is a typo.
 ALL_SECTIONS = frozenset({"server", "auth", "limits", "edge", "nats", "streams", "log",
-                          "broker"})
+                          "broker", "store"})
 
 
 class ConfigError(Exception):

@@ -21,6 +21,9 @@ class BrokerSettings:
     # Where embedded state lives (the SQLite store).
     state_dir: str = "./state"
 
+    # false: serve history only, while other replicas persist.
+    persist: bool = True
+
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "broker.port must be 0..65535")
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as Nats
+from nats.js.api import StreamInfo
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from broker import natsconn, streams
 from broker.background import Background
 from broker.config import BrokerConfig
+from broker.history import History
+from broker.lease import Lease, LeaseHeld
 from broker.metrics import StreamMetrics
+from broker.persist import Persister
+from broker.store import Store, StoreError, open_store
 
 log = structlog.get_logger("rtgate.broker")
 
@@ -29,11 +34,20 @@ class Broker:
         self.stream_metrics = StreamMetrics(self.registry)
         self.epochs: dict[str, str] = {}
         self._nc: Nats | None = None
+        self.store: Store | None = None
+        self._lease: Lease | None = None
+        self.persister: Persister | None = None
+        self.history: History | None = None
         self.background = Background()
 
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        lease_ok = self._lease is None or not self._lease.lost
+        return self.connected and self.store is not None and lease_ok
 
     async def start(self) -> None:
         self._nc = await natsconn.connect(
@@ -42,18 +56,49 @@ class Broker:
         self.nats_connected.set(1)
         await self._provision()
         self.background.spawn(self.stream_metrics.poll(
-            self._nc.jetstream(), self.config.streams, lambda: self.connected, self.background))
+            self._nc.jetstream(), self.config.streams, lambda: self.connected, self.background,
+            self._on_stream_info))
+        self.store = await open_store(self.config)
+        if self.config.store.backend == "sqlite" and self.config.broker.persist:
+            # One SQLite file serves one broker: a second replica would persist
+            # half the messages into a file nobody else reads.
+            self._lease = Lease(self._nc, "persist-sqlite", self.broker_id)
+            try:
+                await self._lease.acquire()
+            except LeaseHeld as exc:
+                raise StoreError(
+                    f"another broker ({exc}) already persists to SQLite on this NATS; "
+                    "several broker replicas need store.backend = \"postgres\"") from None
+            self.background.spawn(self._lease.keep(self.background))
+        self.persister = Persister(self._nc, self.store, self.config.streams, self.epochs,
+                                   self.background, self.registry)
+        if self.config.broker.persist:
+            self.persister.start()
+        self.history = History(self._nc, self.store, self.persister, self.epochs,
+                               self.config.nats.request_timeout)
+        await self.history.serve()
         log.info("broker started", broker_id=self.broker_id, epochs=self.epochs)
 
     async def stop(self) -> None:
         await self.background.stop()
+        if self._lease is not None:
+            await self._lease.release()
+        if self.store is not None:
+            await self.store.close()
         await natsconn.close(self._nc)
         log.info("broker stopped", broker_id=self.broker_id)
 
     async def _provision(self) -> None:
         assert self._nc is not None
         infos = await streams.ensure_streams(self._nc.jetstream(), self.config.streams)
-        self.epochs = {name: streams.epoch_of(info) for name, info in infos.items()}
+        for info in infos.values():
+            self._on_stream_info(info)
+
+    def _on_stream_info(self, info: StreamInfo) -> None:
+        # Updated in place: the persister and history hold this same mapping.
+        name = info.config.name
+        if name is not None:
+            self.epochs[name] = streams.epoch_of(info)
 
     async def _down(self) -> None:
         self.nats_connected.set(0)
@@ -95,7 +140,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
     body = {"nats": broker.connected, "brokerId": broker.broker_id}
-    if broker.connected:
+    if broker.ready:
         return web.json_response(dict(body, status="ready"))
     return web.json_response(dict(body, status="unavailable"), status=503)
 

@@ -39,6 +39,13 @@ LIVE_GLOBAL_SUBJECT = "rt.live.global"
 CONTROL_GATEWAY_PREFIX = "rt.ctl.gw."
 CONTROL_USER_PREFIX = "rt.ctl.user."
 
+# Requests to the broker (queue group: any replica answers).
+HISTORY_SUBJECT = "rt.api.history"
+HISTORY_QUEUE = "rtgate-history"
+
+# The durable consumer every broker replica shares to persist a stream.
+PERSIST_CONSUMER = "rtgate-persist"
+
 # Presence events from gateways (issue: presence) and their heartbeats.
 PRESENCE_PREFIX = "rt.presence."
 

@@ -542,6 +542,16 @@ class Client:
             return
         self.send(protocol.ack_ok(frame_id, target.ack(message)))
 
+    async def on_history(self, frame: protocol.Frame) -> Any:
+        room_id, cursor, limit = protocol.history_page(frame.data)
+        if room_id is None:
+            channel = {"kind": "direct", "id": self._identity().user_id}
+        else:
+            if not self._identity().may_join(room_id):  # the same rule as joining
+                raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
+            channel = {"kind": "room", "id": room_id}
+        return await self.node.history(channel, cursor, limit)
+
     async def on_batch(self, frame: protocol.Frame) -> Any:
         items = protocol.batch_items(frame.data)
         for item in items:
@@ -636,4 +646,5 @@ _HANDLERS: dict[str, Handler] = {
     "room:event": Client.on_room_event,
     "batch": Client.on_batch,
     "resume": Client.on_resume,
+    "history": Client.on_history,
 }

@@ -171,6 +171,29 @@ class Node:
             raise unavailable(f"stream lookup failed ({status})")
         return msg
 
+    async def history(self, channel: dict[str, str], cursor: str | None, limit: int
+                      ) -> dict[str, Any]:
+        """A page of history from the broker (any replica answers); never hangs."""
+        if not self.nats_connected:
+            raise unavailable()
+        request: dict[str, Any] = {"channel": channel, "limit": limit}
+        if cursor is not None:
+            request["cursor"] = cursor
+        try:
+            msg = await self.nc.request(subjects.HISTORY_SUBJECT, json.dumps(request).encode(),
+                                        timeout=self.config.nats.request_timeout)
+        except Exception as exc:  # timeout, no responders: no broker is serving history
+            raise unavailable("history is unavailable right now (no broker answered)") from exc
+        reply: dict[str, Any] = json.loads(msg.data)
+        error = reply.get("error")
+        if error is not None:
+            try:
+                code = ErrorCode(error.get("code"))
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            raise ProtocolError(code, str(error.get("message", "history failed")))
+        return reply
+
     async def last_room_offset(self, room_id: str) -> int:
         msg = await self.direct_get(
             subjects.ROOMS_STREAM, last_by_subj=subjects.room_subject(room_id))

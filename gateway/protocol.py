@@ -22,8 +22,10 @@ MAX_FRAME_ID = 2**53 - 1
 # Every type a client may send, so metrics and errors never use client text as a label.
 CLIENT_TYPES = frozenset({
     "auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping",
-    "direct:message", "broadcast:global", "room:event", "batch", "resume",
+    "direct:message", "broadcast:global", "room:event", "batch", "resume", "history",
 })
+MAX_HISTORY = 100
+MAX_CURSOR = 1024
 MAX_BATCH = 50
 _EVENT_NAME = re.compile(r"[a-z0-9:_-]{1,64}")
 
@@ -195,6 +197,21 @@ def batch_items(data: Any) -> list[Any]:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                             f"at most {MAX_BATCH} frames in a batch")
     return items
+
+
+def history_page(data: Any) -> tuple[str | None, str | None, int]:
+    """``{roomId | direct: true, cursor?, limit?}`` as (room id, None for the inbox; cursor;
+    limit)."""
+    d = _map(data)
+    limit = d.get("limit", 50)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_HISTORY:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"limit must be 1 to {MAX_HISTORY}")
+    cursor = d.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "cursor must be a cursor string from history")
+    if d.get("direct") is True:
+        return None, cursor, limit
+    return room_id(d), cursor, limit
 
 
 def auth_token(data: Any) -> str:

@@ -97,6 +97,7 @@ def _serve(app_factory: str, config_path: str | None) -> None:
 
     from broker import logs
     from broker.natsconn import NatsVersionError
+    from broker.store import StoreError
     from broker.streams import StreamError
 
     if app_factory == "gateway":
@@ -121,7 +122,7 @@ def _serve(app_factory: str, config_path: str | None) -> None:
     try:
         web.run_app(app, host=host, port=port, print=None, access_log=None,
                     shutdown_timeout=5)
-    except (NatsVersionError, StreamError) as exc:
+    except (NatsVersionError, StreamError, StoreError) as exc:
         print(f"rtgate {app_factory}: {exc}", file=sys.stderr)
         sys.exit(2)
     except NoServersError:

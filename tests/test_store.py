@@ -502,3 +502,12 @@ async def test_json_events_stay_readable_in_the_database(backend: Backend,
     (event,) = (await backend.raw("SELECT event FROM messages"))[0]
     assert "zoë" in event  # UTF-8 text, not \\u escapes
     assert json.loads(event) == room_msg("zoë", 1).event
+
+
+async def test_prev_on_subject(store: Store) -> None:
+    await store.write([room_msg("a", 1), room_msg("b", 2), room_msg("a", 4), room_msg("a", 7)])
+    subject = room_msg("a", 1).subject
+    epoch = room_msg("a", 1).epoch
+    assert await store.prev_on_subject(subject, epoch, 7) == 4
+    assert await store.prev_on_subject(subject, epoch, 4) == 1
+    assert await store.prev_on_subject(subject, epoch, 1) == 0

@@ -54,6 +54,12 @@ class Store(Protocol):
         lower sequences may still be on their way.
         """
 
+    async def prev_on_subject(self, subject: str, epoch: str, seq: int) -> int:
+        """The stored message before ``seq`` on ``subject`` in that epoch, 0 if none.
+
+        Exact only below the consumer's ack floor, where nothing is missing.
+        """
+
     async def count(self, channel: Channel | None = None) -> int:
         """Messages stored in ``channel``, or in all (for tests and checks)."""
 

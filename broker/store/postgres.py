@@ -61,6 +61,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq)"
         " WHERE to_user IS NOT NULL",
     ),
+    (
+        # History items carry prevOffset: the previous message on the same
+        # subject, found by one probe of this index.
+        "CREATE INDEX messages_subject ON messages (subject, epoch, seq)",
+    ),
 )
 
 _VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_version"
@@ -151,6 +156,10 @@ class PostgresStore:
 
     async def persisted_up_to(self, stream: str, epoch: str) -> int:
         statement, args = sql.persisted_statement(stream, parse_epoch(epoch), sql.dollar)
+        return int((await self._fetch(statement, args))[0][0])
+
+    async def prev_on_subject(self, subject: str, epoch: str, seq: int) -> int:
+        statement, args = sql.prev_statement(subject, parse_epoch(epoch), seq, sql.dollar)
         return int((await self._fetch(statement, args))[0][0])
 
     async def count(self, channel: Channel | None = None) -> int:

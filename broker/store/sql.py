@@ -107,6 +107,15 @@ def persisted_statement(stream: str, epoch: int, placeholder: Placeholder
     return sql, args.values
 
 
+def prev_statement(subject: str, epoch: int, seq: int, placeholder: Placeholder
+                   ) -> tuple[str, list[Any]]:
+    # Served by messages_subject (subject, epoch, seq): one index probe.
+    args = _Args(placeholder)
+    sql = (f"SELECT COALESCE(MAX(seq), 0) FROM messages WHERE subject = {args.add(subject)}"
+           f" AND epoch = {args.add(epoch)} AND seq < {args.add(seq)}")
+    return sql, args.values
+
+
 def encode_event(event: dict[str, Any]) -> str:
     """The event as JSON text for the database.
 

@@ -67,6 +67,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq)"
         " WHERE to_user IS NOT NULL",
     ),
+    (
+        # History items carry prevOffset: the previous message on the same
+        # subject, found by one probe of this index.
+        "CREATE INDEX messages_subject ON messages (subject, epoch, seq)",
+    ),
 )
 
 # ON CONFLICT on the key only: INSERT OR IGNORE would also swallow a NOT NULL
@@ -124,6 +129,10 @@ class SqliteStore:
 
     async def persisted_up_to(self, stream: str, epoch: str) -> int:
         statement, args = sql.persisted_statement(stream, parse_epoch(epoch), sql.question)
+        return await self._run(lambda conn: int(conn.execute(statement, args).fetchone()[0]))
+
+    async def prev_on_subject(self, subject: str, epoch: str, seq: int) -> int:
+        statement, args = sql.prev_statement(subject, parse_epoch(epoch), seq, sql.question)
         return await self._run(lambda conn: int(conn.execute(statement, args).fetchone()[0]))
 
     async def count(self, channel: Channel | None = None) -> int:

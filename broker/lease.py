@@ -1,0 +1,81 @@
+"""A lease in a NATS KV bucket: at most one holder at a time, lost if not renewed.
+
+Used so that a second broker replica on SQLite (one file per host, so two
+replicas would each persist half the messages into separate files) refuses
+to start instead. Acquire is a create (fails while someone holds the key);
+renewal is a publish expecting the last revision we wrote, with a per-message
+TTL so a crashed holder's lease expires by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import structlog
+from nats.aio.client import Client
+from nats.js.errors import KeyWrongLastSequenceError
+
+from broker.background import Background
+
+log = structlog.get_logger("rtgate.lease")
+
+BUCKET = "rtgate_leases"
+
+
+class LeaseHeld(RuntimeError):
+    """Another process holds the lease; the message names it."""
+
+
+class Lease:
+    def __init__(self, nc: Client, key: str, holder: str, ttl_seconds: int = 6) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._key = key
+        self._holder = holder
+        self._ttl = max(2, ttl_seconds)
+        self._revision = 0
+        self.lost = False
+
+    async def acquire(self, wait: float | None = None) -> None:
+        """Take the lease, waiting up to ``wait`` seconds (default: one TTL and a half)
+        for a holder that crashed to time out; LeaseHeld if someone still holds it."""
+        try:
+            kv = await self._js.key_value(BUCKET)
+        except Exception:
+            kv = await self._js.create_key_value(bucket=BUCKET, history=1)
+        value = json.dumps({"holder": self._holder}).encode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._ttl * 1.5 if wait is None else wait)
+        while True:
+            try:
+                self._revision = await kv.create(self._key, value, msg_ttl=self._ttl)
+                return
+            except KeyWrongLastSequenceError:
+                if loop.time() >= deadline:
+                    entry = await kv.get(self._key)
+                    holder = json.loads(entry.value or b"{}").get("holder", "?") \
+                        if entry else "?"
+                    raise LeaseHeld(holder) from None
+                await asyncio.sleep(0.5)
+
+    async def keep(self, background: Background) -> None:
+        """Renew every third of the TTL until stopped; mark ``lost`` if renewal fails."""
+        value = json.dumps({"holder": self._holder}).encode()
+        while await background.sleep(self._ttl / 3):
+            try:
+                ack = await self._js.publish(
+                    f"$KV.{BUCKET}.{self._key}", value, msg_ttl=self._ttl,
+                    headers={"Nats-Expected-Last-Subject-Sequence": str(self._revision)})
+                self._revision = ack.seq
+            except Exception as exc:
+                if not self.lost:
+                    log.error("lease renewal failed", key=self._key, error=repr(exc))
+                self.lost = True
+
+    async def release(self) -> None:
+        try:
+            kv = await self._js.key_value(BUCKET)
+            await kv.delete(self._key, last=self._revision)
+        except Exception as exc:
+            log.debug("lease release failed", error=repr(exc))

@@ -110,14 +110,19 @@ class History:
         tail.reverse()  # newest first
         items = tail[:limit]
         more = len(tail) > limit
-        if not more and len(items) < limit:
+        if not more:
             # Older than the tail: from the store, below the floor of this epoch.
             boundary = Cursor(channel, epoch, floor + 1) if epoch else None
             if cursor is not None and (boundary is None or cursor.position < boundary.position):
                 boundary = cursor
-            page = await self._store.page(channel, boundary, limit - len(items))
-            items.extend(page.items)
-            more = page.next_cursor is not None
+            room_left = limit - len(items)
+            # A full page from the tail still asks for one row: is there an older page?
+            page = await self._store.page(channel, boundary, room_left or 1)
+            if room_left:
+                items.extend(page.items)
+                more = page.next_cursor is not None
+            else:
+                more = bool(page.items)
         events = [await self._with_prev(m, items) for m in items]
         result: dict[str, Any] = {"items": events}
         if more and items:

@@ -12,7 +12,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_runner import GracefulExit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import admission, codec
+from gateway import admission, api, codec
+from gateway.api import error_response
 from gateway.auth import AuthError, Identity
 from gateway.client import Client
 from gateway.config import DEV_SECRET, GatewayConfig
@@ -37,6 +38,7 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", stats)
+    api.add_routes(app, NODE)
     app.on_startup.append(_start)
     app.on_shutdown.append(_close_sockets)
     app.on_cleanup.append(_stop)
@@ -82,8 +84,6 @@ async def _stop(app: web.Application) -> None:
     await app[NODE].stop()
 
 
-def error_response(status: int, code: ErrorCode, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
 
 
 def _handshake_token(request: web.Request) -> str | None:
@@ -128,6 +128,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except AuthError as exc:
         node.metrics.connections_total.labels("unauthorized").inc()
         return error_response(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    if identity is not None and node.bans.denied(identity.user_id, time.time()) is not None:
+        node.metrics.connections_total.labels("denied").inc()
+        return error_response(403, ErrorCode.FORBIDDEN, "this user has been disconnected by "
+                              "the server and may not reconnect yet")
     if identity is None and node.unauthenticated >= cfg.edge.max_unauthenticated:
         node.metrics.connections_total.labels("unauthenticated_limit").inc()
         return error_response(503, ErrorCode.LIMIT_EXCEEDED,

@@ -236,6 +236,9 @@ class Client:
     async def _authenticate(self, identity: Identity) -> None:
         """First time: subscribe the user's inbox and welcome. A refresh: leave the
         rooms the new token no longer allows and renew the expiry timers."""
+        if self.node.bans.denied(identity.user_id, time.time()) is not None:
+            self.close(disconnect.REVOKED)
+            return
         previous = self.identity
         self.identity = identity
         self.user_id = identity.user_id
@@ -260,6 +263,11 @@ class Client:
         log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
                  remote=self.remote)
         self.send({"type": "welcome", "data": self._welcome()})
+
+    def remove_from_room(self, room_id: str, reason: str) -> None:
+        """A kick: leave the room and say so."""
+        if self.node.hub.leave(self, room_id):
+            self.send({"type": "room:removed", "data": {"roomId": room_id, "reason": reason}})
 
     def _over_user_cap(self, user_id: str) -> bool:
         return len(self.node.hub.by_user(user_id)) >= self.node.config.edge.max_connections_per_user
@@ -357,6 +365,10 @@ class Client:
     def _check_may_join(self, room_id: str) -> None:
         if not self._identity().may_join(room_id):
             raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
+        ban = self.node.bans.banned(room_id, self.user_id, time.time())
+        if ban is not None:
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"banned from this room for another "
+                                f"{int(ban[0] - time.time()) + 1} s")
         if not self.node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
 

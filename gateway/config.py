@@ -30,6 +30,8 @@ class ServerSettings:
     compression: bool = False
     # Development only: accept ?user=NAME without a token. Logged loudly.
     dev_allow_user_param: bool = False
+    # Key for the server API (/api/...): Authorization: Bearer <key>. Empty disables it.
+    api_key: str = ""
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "server.port must be 0..65535")
@@ -56,6 +58,9 @@ class AuthSettings:
     default_rooms: tuple[str, ...] = ("*",)
     # "auth:expiring" is sent this long before the token expires (0: never).
     expiring_notice_seconds: float = 60.0
+    # A user disconnected with reconnect=false is denied this long by default:
+    # as long as the longest token you issue, so the same token cannot return.
+    deny_seconds: float = 86400.0
     # JWKS file ({"keys": [...]}) of public keys for RS/ES tokens; "" = none.
     jwks_file: str = ""
     # How often the JWKS file is checked for changes (0: only on SIGHUP).
@@ -79,6 +84,7 @@ class AuthSettings:
                 "auth.jwks_file is set but auth.algorithms has no RS or ES algorithm")
         require(self.timeout_seconds > 0, "auth.timeout_seconds must be > 0")
         require(self.expiring_notice_seconds >= 0, "auth.expiring_notice_seconds must be >= 0")
+        require(self.deny_seconds >= 0, "auth.deny_seconds must be >= 0")
         require(self.jwks_check_seconds >= 0, "auth.jwks_check_seconds must be >= 0")
 
 

@@ -21,13 +21,15 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import StreamInfo
+from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
 from broker import natsconn, streams, subjects
 from broker.background import Background
-from gateway import admission, disconnect
+from gateway import admission, bans, disconnect
 from gateway.admission import AddressLimits
 from gateway.auth import Authenticator
+from gateway.bans import Bans
 from gateway.config import GatewayConfig
 from gateway.errors import ErrorCode, ProtocolError
 from gateway.hub import Hub
@@ -73,6 +75,7 @@ class Node:
         self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque(
             maxlen=61)
         self._started_at = time.monotonic()
+        self.bans = Bans()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -103,6 +106,7 @@ class Node:
         self.spawn(self.metrics.streams.poll(
             self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
             self.background, self._on_stream_info))
+        self.spawn(self._watch_bans())
         self.spawn(self.auth.watch_keys(self.background, self.config.auth.jwks_check_seconds))
         self._samples.append((time.monotonic(), 0, 0, 0))
         self.spawn(self._housekeeping())
@@ -270,7 +274,7 @@ class Node:
         except (ValueError, KeyError, TypeError):
             log.warning("malformed control message", subject=msg.subject)
             return
-        if kind != "disconnect":
+        if kind not in ("disconnect", "kick"):
             log.warning("unknown control command", subject=msg.subject, command=str(kind)[:64])
             return
         code = command.get("code", disconnect.REVOKED.code)
@@ -283,12 +287,77 @@ class Node:
             clients = [client] if client is not None else []
         else:
             clients = list(self.hub.connections.values())
+        if kind == "kick":
+            room_id = command.get("roomId")
+            if isinstance(room_id, str):
+                for client in clients:
+                    client.remove_from_room(room_id, reason)
+            log.info("control kick", count=len(clients))
+            return
+        if command.get("reconnect") is True:
+            for client in clients:
+                self.tell_to_reconnect(client)
+            log.info("control disconnect", target=target[0], count=len(clients), code=1012)
+            return
         chosen = next((d for d in disconnect.ALL if d.code == code), None)
         if chosen is None:
             chosen = disconnect.REVOKED
         for client in clients:
             client.close(disconnect.Disconnect(chosen.code, reason, chosen.reconnect))
         log.info("control disconnect", target=target[0], count=len(clients), code=chosen.code)
+
+    # -- bans --------------------------------------------------------------------
+
+    async def _ban_bucket(self) -> KeyValue:
+        js = self.nc.jetstream()
+        try:
+            return await js.key_value(bans.BUCKET)
+        except Exception:
+            return await js.create_key_value(bucket=bans.BUCKET, history=1)
+
+    async def put_ban(self, key: str, seconds: float, reason: str) -> None:
+        """Record a ban every gateway will see; it expires by itself (per-key TTL)."""
+        if not self.nats_connected:
+            raise unavailable()
+        await self._ban_bucket()
+        ttl = max(1, int(seconds + 0.999))
+        await self.nc.jetstream().publish(f"$KV.{bans.BUCKET}.{key}",
+                                          bans.entry(time.time() + seconds, reason), msg_ttl=ttl)
+        self.bans.apply(key, bans.entry(time.time() + seconds, reason))
+
+    async def control(self, subject: str, command: dict[str, Any]) -> None:
+        if not self.nats_connected:
+            raise unavailable()
+        await self.nc.publish(subject, json.dumps(command).encode())
+        await self.nc.flush(timeout=max(1, int(self.config.nats.request_timeout)))
+
+    async def _watch_bans(self) -> None:
+        """Mirror the ban bucket into memory; rebuilt after any failure or reconnect."""
+        while not self.background.stopping:
+            watcher = None
+            try:
+                kv = await self._ban_bucket()
+                watcher = await kv.watchall()
+                # Polled with a timeout rather than iterated: nats-py can swallow a
+                # task's cancellation, and the stop flag must still end the loop.
+                while not self.background.stopping:
+                    try:
+                        update = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                    except NatsTimeout:
+                        continue
+                    if update is None:
+                        continue
+                    deleted = update.operation in ("DEL", "PURGE")
+                    self.bans.apply(update.key, None if deleted else update.value)
+            except Exception as exc:
+                if self.background.stopping:
+                    return
+                log.warning("ban watch interrupted; restarting", error=repr(exc))
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+            await self.background.sleep(1)
 
     async def _housekeeping(self) -> None:
         ticks = 0

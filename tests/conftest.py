@@ -11,6 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from broker.config import BrokerConfig, BrokerSettings, StoreSettings
+from broker.service import Broker
 from broker.settings import NatsSettings, StreamSettings
 from gateway.app import NODE, create_app
 from gateway.auth import mint
@@ -126,3 +128,30 @@ async def pair_in_room(make_gateway: GatewayFactory, connect: ClientFactory, roo
     for c in (a, b):
         await c.ok("room:join", room)
     return gw1, gw2, a, b
+
+
+BrokerFactory = Callable[..., Awaitable[Broker]]
+
+
+def broker_config(nats_url: str, state: Path, **broker: Any) -> BrokerConfig:
+    return BrokerConfig(
+        broker=dataclasses.replace(BrokerSettings(id="b1", state_dir=str(state)), **broker),
+        nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, request_timeout=2),
+        streams=StreamSettings(stats_interval_seconds=0.5),
+        store=StoreSettings(),
+    )
+
+
+@pytest.fixture
+async def make_broker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[BrokerFactory]:
+    brokers: list[Broker] = []
+
+    async def make(**broker: Any) -> Broker:
+        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", **broker))
+        await instance.start()
+        brokers.append(instance)
+        return instance
+
+    yield make
+    for instance in brokers:
+        await instance.stop()

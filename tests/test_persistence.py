@@ -7,7 +7,6 @@ import dataclasses
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +14,11 @@ import nats
 import pytest
 
 from broker import subjects
-from broker.config import BrokerConfig, BrokerSettings, StoreSettings
+from broker.config import BrokerSettings
 from broker.service import Broker
-from broker.settings import NatsSettings, StreamSettings
 from broker.store import Channel, SqliteStore, StoreError
 from rtgate.natsserver import NatsServer, env_without_rtgate
-from tests.conftest import ClientFactory, GatewayFactory
-
-BrokerFactory = Callable[..., Awaitable[Broker]]
-
-
-def broker_config(nats_url: str, state: Path, **broker: Any) -> BrokerConfig:
-    return BrokerConfig(
-        broker=dataclasses.replace(BrokerSettings(id="b1", state_dir=str(state)), **broker),
-        nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, request_timeout=2),
-        streams=StreamSettings(stats_interval_seconds=0.5),
-        store=StoreSettings(),
-    )
-
-
-@pytest.fixture
-async def make_broker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[BrokerFactory]:
-    brokers: list[Broker] = []
-
-    async def make(**broker: Any) -> Broker:
-        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", **broker))
-        await instance.start()
-        brokers.append(instance)
-        return instance
-
-    yield make
-    for instance in brokers:
-        await instance.stop()
+from tests.conftest import BrokerFactory, ClientFactory, GatewayFactory, broker_config
 
 
 async def _persisted(broker: Broker, channel: Channel, count: int, timeout: float = 15) -> None:

@@ -1,0 +1,183 @@
+"""The server API for backends: publish, disconnect, kick, room history.
+
+HTTP on the gateway, authorized by one API key (``Authorization: Bearer``,
+compared in constant time). Publishing goes down exactly the path a
+client's frame takes; disconnects and kicks travel to every gateway over the
+NATS control subjects.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from broker import subjects
+from gateway import bans, durable, protocol
+from gateway.errors import ErrorCode, ProtocolError
+from gateway.node import Node
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_FRAME: 400, ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403, ErrorCode.TOO_LARGE: 413, ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.LIMIT_EXCEEDED: 429, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
+}
+API_ORIGIN = "api"
+MAX_BAN_SECONDS = 366 * 86400
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: ErrorCode, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+
+
+def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
+    def guarded(handler: Callable[[web.Request, Node], Awaitable[web.StreamResponse]]
+                ) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            node = request.app[node_key]
+            key = node.config.server.api_key
+            if not key:
+                return error_response(403, ErrorCode.FORBIDDEN,
+                                      "the server API is disabled: set server.api_key")
+            header = request.headers.get("Authorization", "")
+            given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return error_response(401, ErrorCode.UNAUTHENTICATED, "bad or missing API key")
+            try:
+                return await handler(request, node)
+            except ProtocolError as exc:
+                return error_response(_STATUS[exc.code], exc.code, exc.message)
+
+        return wrapped
+
+    app.router.add_post("/api/publish", guarded(publish))
+    app.router.add_post("/api/users/{userId}/disconnect", guarded(disconnect_user))
+    app.router.add_post("/api/rooms/{roomId}/kick", guarded(kick))
+    app.router.add_get("/api/rooms/{roomId}/messages", guarded(room_messages))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+    return body
+
+
+def _identity(body: dict[str, Any]) -> tuple[str, str]:
+    user_id = body.get("userId", "server")
+    username = body.get("username", user_id)
+    if not protocol.is_valid_id(user_id, protocol.MAX_USER_ID) or not isinstance(username, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "userId/username must be valid ids")
+    return user_id, username
+
+
+def _path_id(request: web.Request, name: str, max_len: int) -> str:
+    value = request.match_info[name]
+    if not protocol.is_valid_id(value, max_len):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} is not a valid id")
+    return value
+
+
+async def publish(request: web.Request, node: Node) -> web.StreamResponse:
+    """``{roomId, content}``, ``{roomId, event, data}``, ``{toUserId, content}`` or
+    ``{global: true, content}``; ``userId``/``username``/``clientId`` optional."""
+    body = await _body(request)
+    user_id, username = _identity(body)
+    client_id = protocol.client_id(body)
+    max_content = node.config.limits.max_content_bytes
+    now = protocol.timestamp(time.time())
+    if body.get("global") is True:
+        target = durable.broadcast()
+        data: dict[str, Any] = {"fromUserId": user_id, "fromUsername": username,
+                                "content": protocol.content(body, max_content), "timestamp": now}
+    elif "toUserId" in body:
+        msg = protocol.direct_message(body, max_content)
+        target = durable.direct(msg.to_user_id)
+        data = {"fromUserId": user_id, "fromUsername": username, "toUserId": msg.to_user_id,
+                "content": msg.content, "timestamp": now}
+    elif "event" in body:
+        event = protocol.room_event(body)
+        target = durable.room_event(event.room_id)
+        data = {"roomId": event.room_id, "event": event.event, "data": event.data,
+                "userId": user_id, "username": username, "timestamp": now}
+    else:
+        msg_ = protocol.chat_message(body, max_content)
+        target = durable.chat(msg_.room_id)
+        data = {"roomId": msg_.room_id, "userId": user_id, "username": username,
+                "content": msg_.content, "timestamp": now}
+    result = await durable.store(node, target, data, user_id=user_id, client_id=client_id,
+                                 origin=API_ORIGIN)
+    return web.json_response(result)
+
+
+def _ban_seconds(body: dict[str, Any], default: float) -> float:
+    value = body.get("banSeconds", default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or \
+            not 0 <= value <= MAX_BAN_SECONDS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"banSeconds must be a number from 0 to {MAX_BAN_SECONDS}")
+    return float(value)
+
+
+async def disconnect_user(request: web.Request, node: Node) -> web.StreamResponse:
+    """Close every connection of a user on every gateway: 1012 to come back, or 4403 and deny."""
+    user_id = _path_id(request, "userId", protocol.MAX_USER_ID)
+    body = await _body(request)
+    reconnect = body.get("reconnect", False)
+    reason = body.get("reason", "disconnected by the server")
+    if not isinstance(reconnect, bool) or not isinstance(reason, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "reconnect must be a boolean, reason a string")
+    denied_for = 0.0
+    if not reconnect:
+        # Until the longest token lifetime by default: the same token cannot come back.
+        denied_for = _ban_seconds(body, node.config.auth.deny_seconds)
+        if denied_for > 0:
+            await node.put_ban(bans.user_key(user_id), denied_for, reason)
+    await node.control(subjects.control_user_subject(user_id), {
+        "type": "disconnect", "reconnect": reconnect, "reason": reason[:100],
+        "code": 1012 if reconnect else 4403})
+    return web.json_response({"userId": user_id, "reconnect": reconnect,
+                              "deniedSeconds": denied_for})
+
+
+async def kick(request: web.Request, node: Node) -> web.StreamResponse:
+    """Remove a user's connections from a room (room:removed), optionally banning a rejoin."""
+    room_id = _path_id(request, "roomId", protocol.MAX_ROOM_ID)
+    body = await _body(request)
+    user_id = body.get("userId")
+    if not protocol.is_valid_id(user_id, protocol.MAX_USER_ID):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "userId must be a valid user id")
+    assert isinstance(user_id, str)
+    ban = _ban_seconds(body, 0.0)
+    reason = str(body.get("reason", "removed from the room"))[:100]
+    if ban > 0:
+        await node.put_ban(bans.room_key(room_id, user_id), ban, reason)
+    await node.control(subjects.control_user_subject(user_id),
+                       {"type": "kick", "roomId": room_id, "reason": reason})
+    return web.json_response({"roomId": room_id, "userId": user_id, "banSeconds": ban})
+
+
+async def room_messages(request: web.Request, node: Node) -> web.StreamResponse:
+    room_id = _path_id(request, "roomId", protocol.MAX_ROOM_ID)
+    query: dict[str, Any] = {"roomId": room_id}
+    if "cursor" in request.query:
+        query["cursor"] = request.query["cursor"]
+    if "limit" in request.query:
+        try:
+            query["limit"] = int(request.query["limit"])
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be an integer") from exc
+    room, cursor, limit = protocol.history_page(query)
+    assert room is not None
+    page = await node.history({"kind": "room", "id": room}, cursor, limit)
+    return web.Response(text=json.dumps(page, ensure_ascii=False),
+                        content_type="application/json")

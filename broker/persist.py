@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -26,7 +25,7 @@ from broker import jsread, subjects
 from broker.background import Background
 from broker.settings import StreamSettings
 from broker.store import Store, StoredMessage, StoreError
-from broker.streams import StreamSpec, specs
+from broker.streams import StreamSpec, epoch_of, specs
 
 log = structlog.get_logger("rtgate.persist")
 
@@ -76,7 +75,7 @@ def to_stored(stream: str, epoch: str, seq: int, subject: str, event: Any) -> St
 
 class Persister:
     def __init__(self, nc: Client, store: Store, settings: StreamSettings,
-                 epochs: Mapping[str, str], background: Background,
+                 epochs: dict[str, str], background: Background,
                  registry: CollectorRegistry) -> None:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
@@ -92,6 +91,10 @@ class Persister:
         self._background.spawn(self._purge_loop())
 
     async def _subscribe(self, spec: StreamSpec) -> JetStreamContext.PullSubscription:
+        # (Re)binding may mean the stream was recreated: take its epoch now, so
+        # nothing from the new incarnation is stored under the old one.
+        info = await self._js.stream_info(spec.name)
+        self._epochs[spec.name] = epoch_of(info)
         config = ConsumerConfig(
             durable_name=subjects.PERSIST_CONSUMER,
             ack_policy=AckPolicy.EXPLICIT,

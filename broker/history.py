@@ -105,6 +105,15 @@ class History:
         epoch = self._epochs.get(stream, "")
         floor = await self._persister.floor(stream)
         tail = await self._tail(channel, stream, epoch, floor)
+        # The tail is every unstored message of these subjects, in order: each
+        # one's prevOffset is the one before it on its subject. The first on a
+        # subject falls back to the store, exact below the floor.
+        known_prev: dict[tuple[str, int], int] = {}
+        last_on: dict[str, int] = {}
+        for m in tail:
+            if m.subject in last_on:
+                known_prev[(m.epoch, m.seq)] = last_on[m.subject]
+            last_on[m.subject] = m.seq
         if cursor is not None:
             tail = [m for m in tail if m.position < cursor.position]
         tail.reverse()  # newest first
@@ -123,7 +132,7 @@ class History:
                 more = page.next_cursor is not None
             else:
                 more = bool(page.items)
-        events = [await self._with_prev(m, items) for m in items]
+        events = [await self._with_prev(m, items, known_prev) for m in items]
         result: dict[str, Any] = {"items": events}
         if more and items:
             result["nextCursor"] = encode_cursor(Cursor.at(channel, items[-1]))
@@ -148,9 +157,14 @@ class History:
                 continue
         return out
 
-    async def _with_prev(self, message: StoredMessage, page: list[StoredMessage]
-                         ) -> dict[str, Any]:
+    async def _with_prev(self, message: StoredMessage, page: list[StoredMessage],
+                         known_prev: dict[tuple[str, int], int]) -> dict[str, Any]:
         """The event as delivered live: with prevOffset, the previous message on its subject."""
+        known = known_prev.get((message.epoch, message.seq))
+        if known is not None:
+            event = dict(message.event)
+            event["data"] = dict(event["data"], prevOffset=known)
+            return event
         older = [m.seq for m in page if m.subject == message.subject and m.epoch == message.epoch
                  and m.seq < message.seq]
         prev = max(older) if older else await self._store.prev_on_subject(

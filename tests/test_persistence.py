@@ -77,6 +77,9 @@ async def test_history_includes_what_is_not_persisted_yet(
     assert [i["data"]["content"] for i in page["items"]] == ["m2", "m1", "m0"]
     assert page["items"][0]["data"]["prevOffset"] == page["items"][1]["data"]["offset"]
     assert "nextCursor" not in page
+    # A page cut inside the unstored tail: its oldest item's prevOffset is still exact.
+    page = await a.ok("history", {"roomId": "lobby", "limit": 2})
+    assert page["items"][1]["data"]["prevOffset"] == 1 and page["nextCursor"]
 
 
 async def test_direct_history_has_received_and_sent(

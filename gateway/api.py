@@ -56,10 +56,25 @@ def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
 
         return wrapped
 
+    app.middlewares.append(_json_errors)
     app.router.add_post("/api/publish", guarded(publish))
     app.router.add_post("/api/users/{userId}/disconnect", guarded(disconnect_user))
     app.router.add_post("/api/rooms/{roomId}/kick", guarded(kick))
     app.router.add_get("/api/rooms/{roomId}/messages", guarded(room_messages))
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Backends parse every /api answer as JSON, errors from aiohttp itself included."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL
+        return error_response(exc.status, code, exc.reason)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -105,10 +120,16 @@ async def publish(request: web.Request, node: Node) -> web.StreamResponse:
         data = {"fromUserId": user_id, "fromUsername": username, "toUserId": msg.to_user_id,
                 "content": msg.content, "timestamp": now}
     elif "event" in body:
-        event = protocol.room_event(body)
+        event = protocol.room_event({"durable": True, **body})
         target = durable.room_event(event.room_id)
         data = {"roomId": event.room_id, "event": event.event, "data": event.data,
                 "userId": user_id, "username": username, "timestamp": now}
+        if not event.durable:
+            payload = durable.payload({"type": "room:event", "data": data},
+                                      node.config.limits.max_frame_bytes)
+            await node.publish_ephemeral(subjects.live_room_subject(event.room_id), payload,
+                                         API_ORIGIN)
+            return web.json_response({})
     else:
         msg_ = protocol.chat_message(body, max_content)
         target = durable.chat(msg_.room_id)
@@ -132,10 +153,12 @@ async def disconnect_user(request: web.Request, node: Node) -> web.StreamRespons
     """Close every connection of a user on every gateway: 1012 to come back, or 4403 and deny."""
     user_id = _path_id(request, "userId", protocol.MAX_USER_ID)
     body = await _body(request)
-    reconnect = body.get("reconnect", False)
+    # Required: a missing flag must not silently deny someone for a day.
+    reconnect = body.get("reconnect")
     reason = body.get("reason", "disconnected by the server")
     if not isinstance(reconnect, bool) or not isinstance(reason, str):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "reconnect must be a boolean, reason a string")
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            "reconnect (a boolean) is required; reason must be a string")
     denied_for = 0.0
     if not reconnect:
         # Until the longest token lifetime by default: the same token cannot come back.

@@ -321,6 +321,9 @@ class Client:
         if self.identity is None and self._over_user_cap(identity.user_id):
             self.close(disconnect.TOO_MANY_CONNECTIONS)
             return _DEFERRED
+        if self.node.bans.denied(identity.user_id, time.time()) is not None:
+            self.close(disconnect.REVOKED)  # before any ack: a denied user gets no "ok"
+            return _DEFERRED
         if self.identity is None and frame.id is not None:
             # Ack before welcome: the client learns its request worked, then its session.
             self.send(protocol.ack_ok(frame.id, _identity_data(identity)))
@@ -362,13 +365,17 @@ class Client:
         return {"roomId": room_id, "offset": result["offset"], "epoch": result["epoch"],
                 "rooms": {room_id: result}}
 
-    def _check_may_join(self, room_id: str) -> None:
+    def _check_may_read(self, room_id: str) -> None:
+        """Joining, resuming and reading history share one rule: the token and any ban."""
         if not self._identity().may_join(room_id):
             raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
         ban = self.node.bans.banned(room_id, self.user_id, time.time())
         if ban is not None:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"banned from this room for another "
                                 f"{int(ban[0] - time.time()) + 1} s")
+
+    def _check_may_join(self, room_id: str) -> None:
+        self._check_may_read(room_id)
         if not self.node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
 
@@ -423,12 +430,9 @@ class Client:
         budget = recovery.Budget(self.node.config.limits.resume_budget)
         result: dict[str, Any] = {"rooms": {}}
         for room_id, since in wanted.items():
-            if not self._identity().may_join(room_id):
-                # Authorized again against the current token: no skipping auth.
-                result["rooms"][room_id] = {"recovered": False, "error": ProtocolError(
-                    ErrorCode.FORBIDDEN, "token does not allow this room").as_dict()}
-                continue
             try:
+                # Authorized again against the current token and bans: no skipping auth.
+                self._check_may_read(room_id)
                 result["rooms"][room_id] = await self._join_and_replay(room_id, since, budget)
             except ProtocolError as exc:
                 result["rooms"][room_id] = {"recovered": False, "error": exc.as_dict()}
@@ -559,8 +563,7 @@ class Client:
         if room_id is None:
             channel = {"kind": "direct", "id": self._identity().user_id}
         else:
-            if not self._identity().may_join(room_id):  # the same rule as joining
-                raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
+            self._check_may_read(room_id)  # the same rule as joining
             channel = {"kind": "room", "id": room_id}
         return await self.node.history(channel, cursor, limit)
 

@@ -56,6 +56,12 @@ async def test_publish_takes_the_durable_path(make_gateway: GatewayFactory,
                                {"roomId": "lobby", "event": "score", "data": {"n": 3}})
     assert status == 200 and body["offset"] == 2
     assert (await alice.next("room:event"))["data"]["data"] == {"n": 3}
+    status, body = await _call(gw, "POST", "/api/publish", {"roomId": "lobby", "event": "blip",
+                                                            "data": 1, "durable": False})
+    assert status == 200 and body == {}
+    assert "offset" not in (await alice.next("room:event"))["data"]
+    status, body = await _call(gw, "GET", "/api/nothing-here")
+    assert status == 404 and body["error"]["code"] == "bad_request"
     # Bad input: a clear status and JSON body.
     for bad, want in (({"roomId": "bad room", "content": "x"}, 400),
                       ({"roomId": "r", "content": "x" * 5000}, 413),
@@ -77,6 +83,8 @@ async def test_disconnect_and_deny_across_gateways(make_gateway: GatewayFactory,
     assert status == 200
     assert (await bob.next("reconnect"))["data"]["afterMs"] >= 0
     assert await bob.wait_closed() == 1012
+    status, body = await _call(gw1, "POST", "/api/users/mallory/disconnect", {})
+    assert status == 400  # reconnect is required: no accidental day-long denial
     status, body = await _call(gw1, "POST", "/api/users/mallory/disconnect",
                                {"reason": "abuse", "reconnect": False, "banSeconds": 60})
     assert status == 200 and body["deniedSeconds"] == 60
@@ -110,6 +118,9 @@ async def test_kick_and_room_ban(make_gateway: GatewayFactory, connect: ClientFa
     removed = await dave.next("room:removed")
     assert removed["data"]["roomId"] == "lobby"
     assert await dave.error("room:join", "lobby") == "forbidden"
+    resumed = await dave.ok("resume", {"rooms": {"lobby": {"offset": 0, "epoch": "0"}}})
+    assert resumed["rooms"]["lobby"]["error"]["code"] == "forbidden"  # no way back by resume
+    assert await dave.error("history", {"roomId": "lobby"}) == "forbidden"
     await dave.ok("chat:message", {"roomId": "other", "content": "still here"})
     await asyncio.sleep(1.6)  # the ban's own length: nothing to await instead
     await dave.ok("room:join", "lobby")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from broker import subjects
@@ -27,6 +28,7 @@ _STATUS = {
     ErrorCode.LIMIT_EXCEEDED: 429, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
 }
 API_ORIGIN = "api"
+log = structlog.get_logger("rtgate.api")
 MAX_BAN_SECONDS = 366 * 86400
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,6 +77,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         code = ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL
         return error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("server API request failed", path=request.path)
+        return error_response(500, ErrorCode.INTERNAL, "internal error")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,21 +113,17 @@ async def publish(request: web.Request, node: Node) -> web.StreamResponse:
     user_id, username = _identity(body)
     client_id = protocol.client_id(body)
     max_content = node.config.limits.max_content_bytes
-    now = protocol.timestamp(time.time())
     if body.get("global") is True:
         target = durable.broadcast()
-        data: dict[str, Any] = {"fromUserId": user_id, "fromUsername": username,
-                                "content": protocol.content(body, max_content), "timestamp": now}
+        data = durable.global_body(user_id, username, protocol.content(body, max_content))
     elif "toUserId" in body:
         msg = protocol.direct_message(body, max_content)
         target = durable.direct(msg.to_user_id)
-        data = {"fromUserId": user_id, "fromUsername": username, "toUserId": msg.to_user_id,
-                "content": msg.content, "timestamp": now}
+        data = durable.direct_body(user_id, username, msg.to_user_id, msg.content)
     elif "event" in body:
         event = protocol.room_event({"durable": True, **body})
         target = durable.room_event(event.room_id)
-        data = {"roomId": event.room_id, "event": event.event, "data": event.data,
-                "userId": user_id, "username": username, "timestamp": now}
+        data = durable.event_body(event.room_id, event.event, event.data, user_id, username)
         if not event.durable:
             payload = durable.payload({"type": "room:event", "data": data},
                                       node.config.limits.max_frame_bytes)
@@ -136,10 +131,9 @@ async def publish(request: web.Request, node: Node) -> web.StreamResponse:
                                          API_ORIGIN)
             return web.json_response({})
     else:
-        msg_ = protocol.chat_message(body, max_content)
-        target = durable.chat(msg_.room_id)
-        data = {"roomId": msg_.room_id, "userId": user_id, "username": username,
-                "content": msg_.content, "timestamp": now}
+        chat = protocol.chat_message(body, max_content)
+        target = durable.chat(chat.room_id)
+        data = durable.chat_body(chat.room_id, user_id, username, chat.content)
     result = await durable.store(node, target, data, user_id=user_id, client_id=client_id,
                                  origin=API_ORIGIN)
     return web.json_response(result)

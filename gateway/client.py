@@ -462,25 +462,14 @@ class Client:
         msg = protocol.chat_message(frame.data, self.node.config.limits.max_content_bytes)
         self._check_member(msg.room_id)
         identity = self._identity()
-        body = {
-            "roomId": msg.room_id,
-            "userId": identity.user_id,
-            "username": identity.username,
-            "content": msg.content,
-            "timestamp": protocol.timestamp(time.time()),
-        }
+        body = durable.chat_body(msg.room_id, identity.user_id, identity.username, msg.content)
         return await self._publish_durable(frame, durable.chat(msg.room_id), body, msg.client_id)
 
     async def on_direct(self, frame: protocol.Frame) -> Any:
         msg = protocol.direct_message(frame.data, self.node.config.limits.max_content_bytes)
         identity = self._identity()
-        body = {
-            "fromUserId": identity.user_id,
-            "fromUsername": identity.username,
-            "toUserId": msg.to_user_id,
-            "content": msg.content,
-            "timestamp": protocol.timestamp(time.time()),
-        }
+        body = durable.direct_body(identity.user_id, identity.username, msg.to_user_id,
+                                   msg.content)
         return await self._publish_durable(frame, durable.direct(msg.to_user_id), body,
                                            msg.client_id)
 
@@ -489,26 +478,15 @@ class Client:
         identity = self._identity()
         if not identity.admin:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only admins may broadcast to everyone")
-        body = {
-            "fromUserId": identity.user_id,
-            "fromUsername": identity.username,
-            "content": msg.content,
-            "timestamp": protocol.timestamp(time.time()),
-        }
+        body = durable.global_body(identity.user_id, identity.username, msg.content)
         return await self._publish_durable(frame, durable.broadcast(), body, msg.client_id)
 
     async def on_room_event(self, frame: protocol.Frame) -> Any:
         ev = protocol.room_event(frame.data)
         self._check_member(ev.room_id)
         identity = self._identity()
-        body = {
-            "roomId": ev.room_id,
-            "event": ev.event,
-            "data": ev.data,
-            "userId": identity.user_id,
-            "username": identity.username,
-            "timestamp": protocol.timestamp(time.time()),
-        }
+        body = durable.event_body(ev.room_id, ev.event, ev.data, identity.user_id,
+                                  identity.username)
         if ev.durable:
             return await self._publish_durable(frame, durable.room_event(ev.room_id), body,
                                                ev.client_id)

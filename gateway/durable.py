@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from broker import subjects
 from gateway import codec
 from gateway.codec import WireFormat
 from gateway.errors import ErrorCode, ProtocolError
+from gateway.protocol import timestamp
 from gateway.publisher import PubAck
 
 if TYPE_CHECKING:
@@ -59,6 +61,34 @@ def direct(to_user_id: str) -> Target:
 
 def broadcast() -> Target:
     return Target(subjects.GLOBAL_STREAM, subjects.GLOBAL_SUBJECT, "global:message", "*")
+
+
+# The stored bodies, built in one place for client frames and the server API.
+# Identity always comes from the token (or the API call), never the payload.
+
+def _now() -> str:
+    return timestamp(time.time())
+
+
+def chat_body(room_id: str, user_id: str, username: str, content: str) -> dict[str, Any]:
+    return {"roomId": room_id, "userId": user_id, "username": username, "content": content,
+            "timestamp": _now()}
+
+
+def direct_body(from_user: str, from_name: str, to_user: str, content: str) -> dict[str, Any]:
+    return {"fromUserId": from_user, "fromUsername": from_name, "toUserId": to_user,
+            "content": content, "timestamp": _now()}
+
+
+def global_body(from_user: str, from_name: str, content: str) -> dict[str, Any]:
+    return {"fromUserId": from_user, "fromUsername": from_name, "content": content,
+            "timestamp": _now()}
+
+
+def event_body(room_id: str, event: str, data: Any, user_id: str, username: str
+               ) -> dict[str, Any]:
+    return {"roomId": room_id, "event": event, "data": data, "userId": user_id,
+            "username": username, "timestamp": _now()}
 
 
 def payload(event: dict[str, Any], max_bytes: int) -> bytes:

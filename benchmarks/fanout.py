@@ -28,19 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
-import signal
-import sys
-import tempfile
 import time
 from array import array
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import loadgen
-from loadgen import Children, cpu_seconds, cpu_times, expect, io_syscalls
+from loadgen import Children, cpu_seconds, cpu_times, expect, io_syscalls, start_members
 
 TARGET_RATIO = 0.70
 
@@ -77,6 +71,9 @@ class Result:
     server_writes: int
     extra_cpu: dict[str, float]
     client_cpu: float
+    # CPU used on the machine by anything but the servers and the load generator: other
+    # people's work competing for the cores (plus the benchmark's own parent process).
+    other_cpu: float
     connect_seconds: float
     closed: int
     notes: list[str]
@@ -113,8 +110,8 @@ class Result:
         return d
 
 
-def start_rtgate(children: Children, workdir: Path, args: argparse.Namespace) -> Servers:
-    nats, nats_url = loadgen.start_nats(children, workdir)
+def run_rtgate(children: Children, workdir: Path, args: argparse.Namespace) -> Result:
+    nats = children.start_nats(workdir)
     per_conn = args.rate / args.publishers
     extra = {
         # Publishers send rate/publishers frames per second each; give them headroom.
@@ -125,16 +122,19 @@ def start_rtgate(children: Children, workdir: Path, args: argparse.Namespace) ->
     pids: dict[str, int] = {}
     for i in range(1, args.gateways + 1):
         gw, url = loadgen.start_gateway(
-            children, workdir, nats_url, f"bench-gw{i}", extra, args.source
+            children, workdir, nats.url, f"bench-gw{i}", extra, args.source
         )
         urls.append(url)
         pids[f"gateway-{i}"] = gw.pid
-    return Servers(urls, urls, pids, {"nats-server": nats.pid})
+    assert nats.proc is not None
+    return measure(
+        "rtgate", Servers(urls, urls, pids, {"nats-server": nats.proc.pid}), children, args
+    )
 
 
-def start_bare(children: Children, workdir: Path, args: argparse.Namespace) -> Servers:
+def run_bare(children: Children, workdir: Path, args: argparse.Namespace) -> Result:
     bare, url = loadgen.start_bare(children, workdir)
-    return Servers([url], [url], {"bare": bare.pid}, {})
+    return measure("bare", Servers([url], [url], {"bare": bare.pid}, {}), children, args)
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -142,28 +142,13 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 
 
 def measure(target: str, servers: Servers, children: Children, args: argparse.Namespace) -> Result:
-    notes: list[str] = []
-    workers = []
-    per, rest = divmod(args.subscribers, args.workers)
-    first = 0
+    pids = ", ".join(f"{k} {v}" for k, v in {**servers.pids, **servers.extra_pids}.items())
+    print(f"{target} started: {pids}", flush=True)
     connect_started = time.monotonic()
-    for w in range(args.workers):
-        count = per + (1 if w < rest else 0)
-        spec = {
-            "urls": servers.sub_urls,
-            "first": first,
-            "count": count,
-            "room": loadgen.ROOM,
-            "concurrency": args.connect_concurrency,
-        }
-        first += count
-        workers.append(children.worker(loadgen.subscriber_worker, spec))
-    connected = 0
-    for _, pipe in workers:
-        ready = expect(pipe, "ready", args.connect_timeout)
-        connected += ready["connected"]
-        if ready["failed"]:
-            notes.append(f"{ready['failed']} subscribers failed to connect: {ready['error']}")
+    spec = {"urls": servers.sub_urls, "room": loadgen.ROOM, "concurrency": args.connect_concurrency}
+    workers, connected, notes = start_members(
+        children, spec, args.subscribers, args.workers, args.connect_timeout
+    )
     connect_seconds = time.monotonic() - connect_started
     if connected == 0:
         raise RuntimeError(f"no subscriber could connect: {notes}")
@@ -180,6 +165,7 @@ def measure(target: str, servers: Servers, children: Children, args: argparse.Na
     if pub_proc.pid is not None:
         client_pids["publisher"] = pub_proc.pid
     server0, extra0, client0 = _cpu(servers.pids), _cpu(servers.extra_pids), _cpu(client_pids)
+    busy0 = loadgen.machine_busy_seconds()
     sys0 = sum(cpu_times(pid)[1] for pid in servers.pids.values())
     writes0 = sum(io_syscalls(pid)[1] for pid in servers.pids.values())
     started = time.monotonic()
@@ -199,6 +185,7 @@ def measure(target: str, servers: Servers, children: Children, args: argparse.Na
         time.sleep(0.05)
     ended = time.monotonic()
     server1, extra1, client1 = _cpu(servers.pids), _cpu(servers.extra_pids), _cpu(client_pids)
+    busy1 = loadgen.machine_busy_seconds()
     sys1 = sum(cpu_times(pid)[1] for pid in servers.pids.values())
     writes1 = sum(io_syscalls(pid)[1] for pid in servers.pids.values())
 
@@ -216,12 +203,7 @@ def measure(target: str, servers: Servers, children: Children, args: argparse.Na
     if closed:
         notes.append(f"{closed} subscriber connections were closed by the server")
     ordered = sorted(latencies)
-    for _proc, pipe in [*workers, (pub_proc, pub)]:
-        pipe.send(("close",))
-    for proc, pipe in [*workers, (pub_proc, pub)]:
-        if pipe.poll(10):
-            pipe.recv()
-        children.end_worker(proc)
+    loadgen.end_workers(children, [*workers, (pub_proc, pub)])
     return Result(
         target=target,
         server_procs=len(servers.pids),
@@ -241,27 +223,18 @@ def measure(target: str, servers: Servers, children: Children, args: argparse.Na
         server_writes=writes1 - writes0,
         extra_cpu={k: round(extra1[k] - extra0[k], 2) for k in extra0},
         client_cpu=round(sum(client1[k] - client0[k] for k in client0), 2),
+        other_cpu=round(
+            busy1
+            - busy0
+            - sum(server1[k] - server0[k] for k in server0)
+            - sum(extra1[k] - extra0[k] for k in extra0)
+            - sum(client1[k] - client0[k] for k in client0),
+            2,
+        ),
         connect_seconds=round(connect_seconds, 2),
         closed=closed,
         notes=notes,
     )
-
-
-def run_one(
-    target: str,
-    starter: Callable[[Children, Path, argparse.Namespace], Servers],
-    args: argparse.Namespace,
-    workdir: Path,
-) -> Result:
-    if args.pin:
-        children = Children(server_cpus={0}, client_cpus=set(range(1, loadgen.cpu_count())))
-    else:
-        children = Children()
-    try:
-        servers = starter(children, workdir, args)
-        return measure(target, servers, children, args)
-    finally:
-        children.stop_all()
 
 
 def print_result(r: Result) -> None:
@@ -293,107 +266,56 @@ def print_result(r: Result) -> None:
         + (f" ({r.per_cpu_s_with_extra:,.0f} counting nats-server too)" if r.extra_cpu else "")
     )
     print(f"  load generator  {r.client_cpu:.2f} CPU-s (subscriber workers + publisher)")
+    print(f"  other processes {r.other_cpu:.2f} CPU-s on the machine during the window")
     for note in r.notes:
         print(f"  NOTE            {note}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--subscribers", type=int, default=500)
-    parser.add_argument("--rate", type=float, default=100.0, help="messages/s, all publishers")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
-    parser.add_argument("--size", type=int, default=200, help="content bytes per message")
-    parser.add_argument(
-        "--publishers",
-        type=int,
-        default=2,
-        help="publisher connections (alternating over the gateways)",
-    )
-    parser.add_argument("--workers", type=int, default=2, help="subscriber worker processes")
-    parser.add_argument(
-        "--gateways",
-        type=int,
-        default=2,
-        help="rtgate gateway processes sharing the subscribers (default 2)",
-    )
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each target")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--subscribers", type=int, default=500)
+    add("--rate", type=float, default=100.0, help="messages/s, all publishers")
+    add("--duration", type=float, default=10.0, help="seconds of publishing")
+    add("--size", type=int, default=200, help="content bytes per message")
+    add("--publishers", type=int, default=2, help="publishers (alternating over the gateways)")
+    add("--gateways", type=int, default=2, help="rtgate gateway processes (default 2)")
+    add("--repeat", type=int, default=1, help="runs of each target")
+    add(
         "--pin",
         action="store_true",
         help="pin the server processes (gateways and nats-server, or the bare "
         "server) to CPU 0 and the load generator to the other CPUs",
     )
-    parser.add_argument("--only", choices=("rtgate", "bare"), help="measure one target")
-    parser.add_argument(
-        "--rev",
-        help="run the gateways from this git commit (exported to a temporary directory) "
-        "instead of the working tree",
-    )
-    parser.add_argument(
+    add(
         "--drain",
         type=float,
         default=5.0,
         help="max seconds to wait for deliveries after the last publish",
     )
-    parser.add_argument(
-        "--connect-concurrency", type=int, default=50, help="handshakes in flight per worker"
-    )
-    parser.add_argument("--connect-timeout", type=float, default=120.0)
-    parser.add_argument("--timeout", type=float, help="hard limit for the whole run, seconds")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--keep-logs", action="store_true", help="keep server logs")
+    loadgen.add_common_arguments(parser)
     args = parser.parse_args()
     if args.size < 40:
         parser.error("--size must be at least 40 (the content carries the send time)")
-
     if args.pin and loadgen.cpu_count() < 2:
         parser.error("--pin needs at least 2 CPUs")
-    targets: list[tuple[str, Callable[[Children, Path, argparse.Namespace], Servers]]] = [
-        ("rtgate", start_rtgate),
-        ("bare", start_bare),
-    ]
-    if args.only:
-        targets = [t for t in targets if t[0] == args.only]
-    timeout = args.timeout or 60 + args.repeat * len(targets) * (args.duration * 2 + 60)
-
-    def on_alarm(*_: object) -> None:
-        raise TimeoutError(f"benchmark exceeded its {timeout:.0f}s limit")
-
-    def on_term(*_: object) -> None:
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(int(timeout))
-    loadgen.raise_nofile(args.subscribers * 2 + 1024)
-    workdir = Path(tempfile.mkdtemp(prefix="rtgate-fanout-"))
-    info = loadgen.machine()
-    args.source = loadgen.source(args.rev, workdir)
-    print(
-        f"fanout: {args.subscribers} subscribers, {args.rate:g} msg/s, {args.size} B content, "
+    describe = (
+        f"{args.subscribers} subscribers, {args.rate:g} msg/s, {args.size} B content, "
         f"{args.duration:g} s, {args.publishers} publishers, {args.workers} subscriber "
-        f"workers{'; servers pinned to CPU 0' if args.pin else ''}; {info['nproc']} CPUs "
-        f"({info['cpu']}), Python {info['python']}, loadavg {info['loadavg']}, "
-        f"rtgate {args.source.label}",
-        flush=True,
+        f"workers{'; servers pinned to CPU 0' if args.pin else ''}"
     )
-    results: list[Result] = []
-    ok = False
-    try:
-        for rep in range(args.repeat):
-            order = targets if rep % 2 == 0 else list(reversed(targets))
-            for name, starter in order:
-                result = run_one(name, starter, args, workdir)
-                results.append(result)
-                print_result(result)
-                sys.stdout.flush()
-        ok = True
-    finally:
-        signal.alarm(0)
-        if args.keep_logs or not ok:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    runs = 1 if args.only else 2
+    timeout = args.timeout or 60 + args.repeat * runs * (args.duration * 2 + 60)
+    results = loadgen.run_benchmark(
+        "fanout",
+        args,
+        describe,
+        args.subscribers * 2 + 1024,
+        timeout,
+        {"rtgate": run_rtgate, "bare": run_bare},
+        print_result,
+        args.repeat,
+    )
     summarize(results, args)
 
 
@@ -421,7 +343,8 @@ def summarize(results: list[Result], args: argparse.Namespace) -> None:
             print(
                 f"  deliveries per server CPU-second: {a.per_cpu_s:,.0f} / {b.per_cpu_s:,.0f}"
                 f" = {ratio:.2f} (counting nats-server: {with_nats:.2f}); "
-                f"p99 {a.p99_ms:.1f} vs {b.p99_ms:.1f} ms; loss {a.loss} vs {b.loss}"
+                f"p99 {a.p99_ms:.1f} vs {b.p99_ms:.1f} ms; loss {a.loss} vs {b.loss}; "
+                f"other processes {a.other_cpu:.1f} / {b.other_cpu:.1f} CPU-s"
             )
         med = _median(ratios)
         verdict = "met" if med >= TARGET_RATIO else "NOT met"
@@ -429,16 +352,8 @@ def summarize(results: list[Result], args: argparse.Namespace) -> None:
             f"  ratio (median of {len(ratios)}): {med:.2f}; target >= {TARGET_RATIO:.2f}: {verdict}"
         )
         summary["ratio_median"] = med
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    loadgen.write_json(args.json, summary)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("fanout: interrupted; every child process was stopped", file=sys.stderr)
-        sys.exit(130)
-    except TimeoutError as exc:
-        print(f"fanout: {exc}", file=sys.stderr)
-        sys.exit(1)
+    loadgen.entry("fanout", main)

@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: child processes, /proc readings, and the load generator.
+"""Shared by the benchmarks: child processes, /proc readings, the command-line scaffolding,
+and the load generator.
 
 The load generator is a minimal WebSocket client on raw asyncio transports
 (uvloop), so that one worker process can hold thousands of connections and
@@ -13,10 +14,14 @@ subscriber workers connect, wait for ``welcome``, join the room and report
 joins, and on ``go`` sends chat messages at a fixed rate. Every child (servers
 and workers) is stopped by :class:`Children` on exit, and asks the kernel to
 SIGTERM it should the benchmark itself die.
+
+nats-server is started with the project's own :class:`rtgate.natsserver.NatsServer`
+(the binary from the venv, a free port, JetStream in a temporary directory).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -27,20 +32,23 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from rtgate.natsserver import NatsServer, env_without_rtgate, find_binary, free_port, wait_for_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -49,6 +57,8 @@ SECRET = "rtgate-benchmark-secret-0123456789abcdef"
 ROOM = "bench"
 
 _PR_SET_PDEATHSIG = 1
+R = TypeVar("R")
+Worker = tuple[BaseProcess, Connection]
 
 
 # -- processes and /proc ----------------------------------------------------------
@@ -90,6 +100,15 @@ def io_syscalls(pid: int) -> tuple[int, int]:
     return reads, writes
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all processes on the machine have used so far (``/proc/stat``, every CPU):
+    user, nice, system, irq, softirq and steal; not idle or iowait."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
     with open(f"/proc/{pid}/status") as fh:
@@ -109,28 +128,17 @@ def raise_nofile(wanted: int) -> int:
     return soft
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=5
+    ).stdout.strip()
 
 
 def revision() -> str:
     """The commit measured, marked ``+dirty`` when gateway/, broker/ or rtgate/ have changes."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway", "broker", "rtgate"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "gateway", "broker", "rtgate")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")
@@ -179,25 +187,42 @@ def machine() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        nats = subprocess.run(
+            [find_binary(), "--version"], capture_output=True, text=True, timeout=5
+        ).stdout.split()[-1]
+    except (OSError, RuntimeError, subprocess.SubprocessError, IndexError):
+        nats = "?"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "python": sys.version.split()[0],
+        "nats_server": nats,
         "loadavg": load,
     }
+
+
+# A watcher for a child that cannot ask for PR_SET_PDEATHSIG itself (nats-server, started
+# by NatsServer): it does ask, and passes the SIGTERM it gets on the benchmark's death on.
+_GUARD = (
+    "import os, signal, sys\n"
+    "pid = int(sys.argv[1])\n"
+    "signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))\n"
+    "signal.pause()\n"
+)
 
 
 class Children:
     """Every process a benchmark starts; ``stop_all`` ends them whatever happened."""
 
-    def __init__(
-        self, server_cpus: set[int] | None = None, client_cpus: set[int] | None = None
-    ) -> None:
+    def __init__(self, pin: bool = False) -> None:
+        """``pin`` (``--pin``): servers on CPU 0, the load generator on the other CPUs."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: list[BaseProcess] = []
-        # With --pin: servers on some CPUs, the load generator on the others.
-        self.server_cpus = server_cpus
-        self.client_cpus = client_cpus
+        self.nats: list[NatsServer] = []
+        self.guards: list[subprocess.Popen[bytes]] = []
+        self.server_cpus = {0} if pin else None
+        self.client_cpus = set(range(1, cpu_count())) if pin else None
 
     def popen(
         self, args: list[str], env: dict[str, str] | None, log: Path, cwd: Path = ROOT
@@ -223,18 +248,35 @@ class Children:
         self.procs.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
+    @contextlib.contextmanager
+    def _server_affinity(self) -> Iterator[None]:
+        """This process on the server CPUs for a moment: what it starts inherits them."""
+        before = os.sched_getaffinity(0)
+        if self.server_cpus:
+            os.sched_setaffinity(0, self.server_cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
 
-    def worker(self, target: Callable[..., None], *args: Any) -> tuple[BaseProcess, Connection]:
+    def start_nats(self, workdir: Path) -> NatsServer:
+        """A private nats-server with JetStream on a free port (never the machine's 4222)."""
+        nats = NatsServer(workdir / "nats", log_file=workdir / "nats-server.log")
+        self.nats.append(nats)
+        with self._server_affinity():
+            nats.start()
+        assert nats.proc is not None
+        self.guards.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _GUARD, str(nats.proc.pid)],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        )
+        return nats
+
+    def worker(self, target: Callable[..., None], *args: Any) -> Worker:
         ctx = mp.get_context("fork")
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=target, args=(child_end, *args), daemon=True)
@@ -262,69 +304,45 @@ class Children:
                 w.terminate()
         for w in list(self.workers):
             self.end_worker(w, 3)
-        # Servers before what they depend on: everything started after the first
-        # process (nats-server, when there is one) goes first, and together.
-        later = list(reversed(self.procs[1:]))
-        for p in later:
+        # Servers before what they depend on: the gateways (or the bare server) go
+        # first, and together (SIGTERM, then SIGKILL for any still there after 8 s);
+        # nats-server last.
+        for p in self.procs:
             if p.poll() is None:
                 p.terminate()
-        for p in [*later, *self.procs[:1]]:
-            self.stop(p)
+        deadline = time.monotonic() + 8.0
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        for nats in self.nats:
+            nats.stop()
+        for guard in self.guards:
+            guard.kill()  # SIGKILL: its SIGTERM handler would signal the pid again
+            guard.wait()
+        self.nats.clear()
+        self.guards.clear()
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not ready after {timeout}s")
-        time.sleep(0.1)
+def _wait_listening(
+    port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path, ready_path: str
+) -> None:
+    """Until ``proc`` listens on ``port``, then one GET of ``ready_path``, which must be 200.
 
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing on port {port} after {timeout}s") from None
-            time.sleep(0.05)
-
-
-def start_nats(children: Children, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private nats-server with JetStream on a free port (never the machine's 4222)."""
-    from rtgate.natsserver import find_binary
-
-    port = free_port()
-    store = workdir / "nats"
-    store.mkdir(parents=True, exist_ok=True)
-    args = [
-        find_binary(),
-        "-a",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-js",
-        "-sd",
-        str(store),
-        "--server_name",
-        f"bench-{port}",
-    ]
-    proc = children.popen(args, None, workdir / "nats-server.log")
-    wait_port(port, proc, 10)
-    return proc, f"nats://127.0.0.1:{port}"
+    aiohttp's ``run_app`` runs the startup hooks (the gateway's NATS connection) before it
+    listens, so a gateway that accepts connections is ready.
+    """
+    try:
+        wait_for_port("127.0.0.1", port, timeout, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=5) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{ready_path} answered {resp.status}")
+    except (RuntimeError, OSError) as exc:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"port {port}: {exc}\n{tail}") from exc
 
 
 def edge_overrides(tree: Path) -> dict[str, str]:
@@ -346,8 +364,7 @@ def edge_overrides(tree: Path) -> dict[str, str]:
 def gateway_env(
     nats_url: str, gateway_id: str, port: int, extra: dict[str, str], tree: Path
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RTGATE_")}
-    env.update(
+    env: dict[str, str] = env_without_rtgate(
         {
             "PYTHONPATH": str(tree),
             "RTGATE_NATS__URLS": nats_url,
@@ -355,10 +372,10 @@ def gateway_env(
             "RTGATE_SERVER__ID": gateway_id,
             "RTGATE_AUTH__SECRET": SECRET,
             "RTGATE_LOG__FORMAT": "json",
+            **edge_overrides(tree),
+            **extra,
         }
     )
-    env.update(edge_overrides(tree))
-    env.update(extra)
     return env
 
 
@@ -375,7 +392,7 @@ def start_gateway(
     log = workdir / f"{gateway_id}.log"
     env = gateway_env(nats_url, gateway_id, port, extra_env, src.tree)
     proc = children.popen([sys.executable, "-m", "gateway"], env, log, cwd=src.tree)
-    wait_http(f"http://127.0.0.1:{port}/readyz", proc, 30, log)
+    _wait_listening(port, proc, 30, log, "/readyz")
     return proc, f"ws://127.0.0.1:{port}/ws"
 
 
@@ -385,7 +402,7 @@ def start_bare(children: Children, workdir: Path) -> tuple[subprocess.Popen[byte
     proc = children.popen(
         [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", str(port)], None, log
     )
-    wait_http(f"http://127.0.0.1:{port}/healthz", proc, 30, log)
+    _wait_listening(port, proc, 30, log, "/healthz")
     return proc, f"ws://127.0.0.1:{port}/ws"
 
 
@@ -406,6 +423,146 @@ def percentile(sorted_values: list[int] | array[int], q: float) -> float:
         return float("nan")
     i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return float(sorted_values[i])
+
+
+# -- the command line shared by fanout.py and memory.py --------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options both benchmarks take: which targets, which code, connecting, limits, output."""
+    add = parser.add_argument
+    add("--workers", type=int, default=2, help="load-generator processes holding the members")
+    add("--only", choices=("rtgate", "bare"), help="measure one target")
+    add(
+        "--rev",
+        help="run the gateways from this git commit (exported to a temporary directory) "
+        "instead of the working tree",
+    )
+    add("--connect-concurrency", type=int, default=50, help="handshakes in flight per worker")
+    add("--connect-timeout", type=float, default=120.0)
+    add("--timeout", type=float, help="hard limit for the whole run, seconds")
+    add("--json", metavar="PATH", help="also write the results as JSON")
+    add("--keep-logs", action="store_true", help="keep the server logs")
+
+
+def run_benchmark(
+    name: str,
+    args: argparse.Namespace,
+    describe: str,
+    open_files: int,
+    timeout: float,
+    targets: dict[str, Callable[[Children, Path, argparse.Namespace], R]],
+    show: Callable[[R], None],
+    repeat: int = 1,
+) -> list[R]:
+    """What both benchmarks do around their measurements.
+
+    A hard time limit (SIGALRM) and SIGTERM end the run through an exception, so every
+    ``finally`` (and so :meth:`Children.stop_all`) runs; the open-files limit is raised;
+    a temporary directory holds logs, nats-server's store and an exported ``--rev``
+    (``args.source``); a header line names the machine and the code measured. Then each
+    of ``targets`` (only ``--only`` when given) runs ``repeat`` times, in alternating
+    order, each time with fresh :class:`Children` (pinned with ``--pin``) that are stopped
+    afterwards, and ``show`` prints its result. The directory is removed unless
+    ``--keep-logs`` was given or the run failed.
+    """
+
+    def on_alarm(*_: object) -> None:
+        raise TimeoutError(f"benchmark exceeded its {timeout:.0f}s limit")
+
+    def on_term(*_: object) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(int(timeout))
+    limit = raise_nofile(open_files)
+    if limit < open_files // 2:
+        raise SystemExit(f"{name}: open-files limit {limit} is too low (wanted {open_files})")
+    names = [t for t in targets if args.only in (None, t)]
+    workdir = Path(tempfile.mkdtemp(prefix=f"rtgate-{name}-"))
+    results: list[R] = []
+    ok = False
+    try:
+        info = machine()
+        args.source = source(args.rev, workdir)
+        print(
+            f"{name}: {describe}; {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
+            f"nats-server {info['nats_server']}, loadavg {info['loadavg']}, "
+            f"rtgate {args.source.label}",
+            flush=True,
+        )
+        for rep in range(repeat):
+            for target in names if rep % 2 == 0 else reversed(names):
+                children = Children(pin=getattr(args, "pin", False))
+                try:
+                    result = targets[target](children, workdir, args)
+                finally:
+                    children.stop_all()
+                results.append(result)
+                show(result)
+                sys.stdout.flush()
+        ok = True
+        return results
+    finally:
+        signal.alarm(0)
+        if args.keep_logs or not ok:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def entry(name: str, main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``: a short line and a non-zero status on Ctrl-C or timeout."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; every child process was stopped", file=sys.stderr)
+        sys.exit(130)
+    except TimeoutError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def start_members(
+    children: Children, spec: dict[str, Any], count: int, workers: int, timeout: float
+) -> tuple[list[Worker], int, list[str]]:
+    """``count`` members (from member ``spec['first']`` on, default 0) spread over ``workers``
+    subscriber workers; waits until each worker reports them connected and joined.
+
+    Returns the workers, how many members are connected, and notes on failures.
+    """
+    first = spec.get("first", 0)
+    started: list[Worker] = []
+    per, rest = divmod(count, workers)
+    for w in range(workers):
+        n = per + (1 if w < rest else 0)
+        if n:
+            started.append(children.worker(subscriber_worker, {**spec, "first": first, "count": n}))
+            first += n
+    connected = 0
+    notes = []
+    for _, pipe in started:
+        ready = expect(pipe, "ready", timeout)
+        connected += ready["connected"]
+        if ready["failed"]:
+            notes.append(f"{ready['failed']} members failed to connect: {ready['error']}")
+    return started, connected, notes
+
+
+def end_workers(children: Children, workers: list[Worker], timeout: float = 20.0) -> None:
+    """Ask workers to close their connections, wait for them, then end the processes."""
+    for _, pipe in workers:
+        pipe.send(("close",))
+    for proc, pipe in workers:
+        if pipe.poll(timeout):
+            pipe.recv()
+        children.end_worker(proc)
 
 
 # -- the WebSocket client ---------------------------------------------------------
@@ -703,6 +860,15 @@ class _Commands:
         return await self.queue.get()
 
 
+async def _close_all(commands: _Commands, conns: list[WsConn]) -> None:
+    """Close every connection, give the closes a moment, and tell the parent."""
+    for c in conns:
+        c.close()
+    await asyncio.sleep(0.2)
+    with contextlib.suppress(OSError):
+        commands.send(("closed", None))
+
+
 def subscriber_worker(pipe: Connection, spec: dict[str, Any]) -> None:
     """Hold ``spec['count']`` members of the room; count what they receive."""
     _worker_setup()
@@ -763,11 +929,7 @@ async def _subscriber_main(pipe: Connection, spec: dict[str, Any]) -> None:
             stats.latencies_us = array("q")
             commands.send(("reset", None))
         elif cmd[0] in ("close", "exit"):
-            for c in conns:
-                c.close()
-            await asyncio.sleep(0.2)
-            with contextlib.suppress(OSError):
-                commands.send(("closed", None))
+            await _close_all(commands, conns)
             return
 
 
@@ -822,11 +984,7 @@ async def _publisher_main(pipe: Connection, spec: dict[str, Any]) -> None:
                 )
             )
         elif cmd[0] in ("close", "exit"):
-            for c in conns:
-                c.close()
-            await asyncio.sleep(0.2)
-            with contextlib.suppress(OSError):
-                commands.send(("closed", None))
+            await _close_all(commands, conns)
             return
 
 

@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
-import signal
-import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import loadgen
-from loadgen import Children, expect, rss_kib
+from loadgen import Children, Worker, rss_kib
 
 TARGET_KIB = 20.0
 
@@ -57,43 +51,24 @@ class MemResult:
 
 def _open(
     children: Children, url: str, count: int, args: argparse.Namespace, first: int
-) -> tuple[list[tuple[Any, Any]], int, float]:
+) -> tuple[list[Worker], int, float]:
     """Open ``count`` members in ``args.workers`` processes; returns them, connected, seconds."""
     started = time.monotonic()
-    workers = []
-    per, rest = divmod(count, args.workers)
-    for w in range(args.workers):
-        n = per + (1 if w < rest else 0)
-        if n == 0:
-            continue
-        spec = {
-            "urls": [url],
-            "first": first,
-            "count": n,
-            "room": "idle",
-            "rooms": args.rooms,
-            "concurrency": args.connect_concurrency,
-            "user_prefix": "idle",
-            "users": args.users,
-        }
-        first += n
-        workers.append(children.worker(loadgen.subscriber_worker, spec))
-    connected = 0
-    for _, pipe in workers:
-        ready = expect(pipe, "ready", args.connect_timeout)
-        connected += ready["connected"]
-        if ready["failed"]:
-            print(f"  NOTE {ready['failed']} connections failed: {ready['error']}")
+    spec = {
+        "urls": [url],
+        "first": first,
+        "room": "idle",
+        "rooms": args.rooms,
+        "concurrency": args.connect_concurrency,
+        "user_prefix": "idle",
+        "users": args.users,
+    }
+    workers, connected, notes = loadgen.start_members(
+        children, spec, count, args.workers, args.connect_timeout
+    )
+    for note in notes:
+        print(f"  NOTE {note}")
     return workers, connected, time.monotonic() - started
-
-
-def _close(children: Children, workers: list[tuple[Any, Any]]) -> None:
-    for _, pipe in workers:
-        pipe.send(("close",))
-    for proc, pipe in workers:
-        if pipe.poll(20):
-            pipe.recv()
-        children.end_worker(proc)
 
 
 def _settle(pid: int, seconds: float) -> int:
@@ -111,16 +86,16 @@ def measure(
 ) -> MemResult:
     start = rss_kib(pid)
     warm, _, _ = _open(children, url, args.warmup, args, 10_000_000)
-    _close(children, warm)
+    loadgen.end_workers(children, warm)
     base = _settle(pid, args.settle)
     workers, connected, seconds = _open(children, url, args.connections, args, 0)
     opened = _settle(pid, args.settle)
-    _close(children, workers)
+    loadgen.end_workers(children, workers)
     closed = _settle(pid, args.settle)
     churn = []
     for cycle in range(args.churn):
         workers, _, _ = _open(children, url, args.connections, args, 1_000_000 * (cycle + 1))
-        _close(children, workers)
+        loadgen.end_workers(children, workers)
         churn.append(_settle(pid, 1.0))
     return MemResult(
         target, args.connections, connected, round(seconds, 2), start, base, opened, closed, churn
@@ -128,8 +103,8 @@ def measure(
 
 
 def run_rtgate(children: Children, workdir: Path, args: argparse.Namespace) -> MemResult:
-    _, nats_url = loadgen.start_nats(children, workdir)
-    gw, url = loadgen.start_gateway(children, workdir, nats_url, "mem-gw1", {}, args.source)
+    nats = children.start_nats(workdir)
+    gw, url = loadgen.start_gateway(children, workdir, nats.url, "mem-gw1", {}, args.source)
     return measure("rtgate gateway", gw.pid, url, children, args)
 
 
@@ -162,86 +137,28 @@ def print_result(r: MemResult) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--connections", type=int, default=2000)
-    parser.add_argument(
-        "--rooms",
-        type=int,
-        default=1,
-        help="spread the connections over this many rooms (1: all in one)",
-    )
-    parser.add_argument(
-        "--users",
-        type=int,
-        default=0,
-        help="distinct users the connections authenticate as (default 0: one user each)",
-    )
-    parser.add_argument("--workers", type=int, default=2, help="client worker processes")
-    parser.add_argument(
-        "--warmup", type=int, default=100, help="connections opened and closed before the baseline"
-    )
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
-    parser.add_argument("--churn", type=int, default=3, help="extra open/close cycles")
-    parser.add_argument("--only", choices=("rtgate", "bare"))
-    parser.add_argument(
-        "--rev",
-        help="run the gateway from this git commit (exported to a temporary directory) "
-        "instead of the working tree",
-    )
-    parser.add_argument("--connect-concurrency", type=int, default=50)
-    parser.add_argument("--connect-timeout", type=float, default=120.0)
-    parser.add_argument("--timeout", type=float, default=300.0, help="hard limit, seconds")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--keep-logs", action="store_true")
+    add = parser.add_argument
+    add("--connections", type=int, default=2000)
+    add("--rooms", type=int, default=1, help="spread them over this many rooms (1: all in one)")
+    add("--users", type=int, default=0, help="distinct users (default 0: one per connection)")
+    add("--warmup", type=int, default=100, help="connections opened and closed before the baseline")
+    add("--settle", type=float, default=2.0, help="seconds before reading RSS")
+    add("--churn", type=int, default=3, help="extra open/close cycles")
+    loadgen.add_common_arguments(parser)
     args = parser.parse_args()
-
-    targets: list[tuple[str, Callable[[Children, Path, argparse.Namespace], MemResult]]] = [
-        ("rtgate", run_rtgate),
-        ("bare", run_bare),
-    ]
-    if args.only:
-        targets = [t for t in targets if t[0] == args.only]
-
-    def on_alarm(*_: object) -> None:
-        raise TimeoutError(f"benchmark exceeded its {args.timeout:.0f}s limit")
-
-    def on_term(*_: object) -> None:
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(int(args.timeout))
-    limit = loadgen.raise_nofile(args.connections * 2 + 1024)
-    if limit < args.connections + 256:
-        parser.error(f"open-files limit {limit} is too low for {args.connections} connections")
-    workdir = Path(tempfile.mkdtemp(prefix="rtgate-memory-"))
-    info = loadgen.machine()
-    args.source = loadgen.source(args.rev, workdir)
-    print(
-        f"memory: {args.connections} idle connections in {args.rooms} room(s), "
-        f"{args.users or args.connections} user(s); "
-        f"{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
-        f"loadavg {info['loadavg']}, rtgate {args.source.label}",
-        flush=True,
+    describe = (
+        f"{args.connections} idle connections in {args.rooms} room(s), "
+        f"{args.users or args.connections} user(s)"
     )
-    results: list[MemResult] = []
-    ok = False
-    try:
-        for _name, run in targets:
-            children = Children()
-            try:
-                result = run(children, workdir, args)
-            finally:
-                children.stop_all()
-            results.append(result)
-            print_result(result)
-            sys.stdout.flush()
-        ok = True
-    finally:
-        signal.alarm(0)
-        if args.keep_logs or not ok:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    results = loadgen.run_benchmark(
+        "memory",
+        args,
+        describe,
+        args.connections * 2 + 1024,
+        args.timeout or 300.0,
+        {"rtgate": run_rtgate, "bare": run_bare},
+        print_result,
+    )
     if len(results) == 2:
         rt, bare = results
         print(
@@ -249,22 +166,8 @@ def main() -> None:
             f"per connection = {rt.per_connection_kib / bare.per_connection_kib:.2f}x; "
             f"rtgate adds {rt.per_connection_kib - bare.per_connection_kib:.1f} KiB"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"args": vars(args), "results": [r.as_dict() for r in results]},
-                indent=1,
-                default=str,
-            )
-        )
+    loadgen.write_json(args.json, {"args": vars(args), "results": [r.as_dict() for r in results]})
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("memory: interrupted; every child process was stopped", file=sys.stderr)
-        sys.exit(130)
-    except TimeoutError as exc:
-        print(f"memory: {exc}", file=sys.stderr)
-        sys.exit(1)
+    loadgen.entry("memory", main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ _STATUS = {
     ErrorCode.LIMIT_EXCEEDED: 429, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
 }
 API_ORIGIN = "api"
+_CATCH_ALL = "/api/{tail:.*}"
 log = structlog.get_logger("rtgate.api")
 MAX_BAN_SECONDS = 366 * 86400
 
@@ -38,13 +40,14 @@ def error_response(status: int, code: ErrorCode, message: str) -> web.Response:
 
 
 def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
-    """Mount the API as a sub-application under /api.
+    """Mount the API under /api/.
 
-    Its JSON-errors middleware then wraps only API requests: on the main app
-    it would wrap every WebSocket handler too, and keep a middleware frame
-    alive for each connection's lifetime (~0.4 KiB each).
+    Errors become JSON inside each handler's own wrapper and a catch-all
+    route, not in a middleware: any middleware (on the app or on a
+    sub-application) makes aiohttp run every WebSocket handler inside a
+    wrapper frame that lives as long as the connection (~0.4 KiB each).
     """
-    api = web.Application(middlewares=[_json_errors])
+
     def guarded(handler: Callable[[web.Request, Node], Awaitable[web.StreamResponse]]
                 ) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -61,29 +64,37 @@ def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
                 return await handler(request, node)
             except ProtocolError as exc:
                 return error_response(_STATUS[exc.code], exc.code, exc.message)
+            except web.HTTPException as exc:  # e.g. a body over the size limit
+                if exc.status < 400:
+                    raise
+                code = ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL
+                return error_response(exc.status, code, exc.reason)
+            except Exception:
+                log.exception("server API request failed", path=request.path)
+                return error_response(500, ErrorCode.INTERNAL, "internal error")
 
         return wrapped
 
-    api.router.add_post("/publish", guarded(publish))
-    api.router.add_post("/users/{userId}/disconnect", guarded(disconnect_user))
-    api.router.add_post("/rooms/{roomId}/kick", guarded(kick))
-    api.router.add_get("/rooms/{roomId}/messages", guarded(room_messages))
-    app.add_subapp("/api/", api)
+    routes = (
+        ("POST", "/api/publish", publish),
+        ("POST", "/api/users/{userId}/disconnect", disconnect_user),
+        ("POST", "/api/rooms/{roomId}/kick", kick),
+        ("GET", "/api/rooms/{roomId}/messages", room_messages),
+    )
+    for method, path, handler in routes:
+        app.router.add_route(method, path, guarded(handler))
+    app.router.add_route("*", _CATCH_ALL, _no_such_endpoint)
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Backends parse every /api answer as JSON, errors from aiohttp itself included."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL
-        return error_response(exc.status, code, exc.reason)
-    except Exception:
-        log.exception("server API request failed", path=request.path)
-        return error_response(500, ErrorCode.INTERNAL, "internal error")
+async def _no_such_endpoint(request: web.Request) -> web.StreamResponse:
+    """Backends parse every /api answer as JSON, unknown paths and methods included."""
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _match, allowed = await resource.resolve(request)
+        if allowed:  # the path exists, with other methods
+            return error_response(405, ErrorCode.BAD_REQUEST, "method not allowed")
+    return error_response(404, ErrorCode.BAD_REQUEST, "no such endpoint")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -169,9 +180,13 @@ async def disconnect_user(request: web.Request, node: Node) -> web.StreamRespons
         denied_for = _ban_seconds(body, node.config.auth.deny_seconds)
         if denied_for > 0:
             await node.put_ban(bans.user_key(user_id), denied_for, reason)
-    await node.control(subjects.control_user_subject(user_id), {
-        "type": "disconnect", "reconnect": reconnect, "reason": reason[:100],
-        "code": 1012 if reconnect else 4403})
+    command: dict[str, Any] = {"type": "disconnect", "reconnect": reconnect,
+                               "reason": reason[:100], "code": 1012 if reconnect else 4403}
+    if denied_for > 0:
+        # Also in the command: the bucket watch may reach other gateways later
+        # than this message, and the user must not slip back in between.
+        command["deniedUntil"] = time.time() + denied_for
+    await node.control(subjects.control_user_subject(user_id), command)
     return web.json_response({"userId": user_id, "reconnect": reconnect,
                               "deniedSeconds": denied_for})
 
@@ -188,8 +203,10 @@ async def kick(request: web.Request, node: Node) -> web.StreamResponse:
     reason = str(body.get("reason", "removed from the room"))[:100]
     if ban > 0:
         await node.put_ban(bans.room_key(room_id, user_id), ban, reason)
-    await node.control(subjects.control_user_subject(user_id),
-                       {"type": "kick", "roomId": room_id, "reason": reason})
+    command: dict[str, Any] = {"type": "kick", "roomId": room_id, "reason": reason}
+    if ban > 0:
+        command["banUntil"] = time.time() + ban  # see disconnect_user
+    await node.control(subjects.control_user_subject(user_id), command)
     return web.json_response({"roomId": room_id, "userId": user_id, "banSeconds": ban})
 
 

@@ -289,11 +289,18 @@ class Node:
             clients = list(self.hub.connections.values())
         if kind == "kick":
             room_id = command.get("roomId")
+            until = command.get("banUntil")
+            if isinstance(room_id, str) and target[0] == "user" and \
+                    isinstance(until, int | float):
+                self.bans.apply(bans.room_key(room_id, target[1]), bans.entry(until, reason))
             if isinstance(room_id, str):
                 for client in clients:
                     client.remove_from_room(room_id, reason)
             log.info("control kick", count=len(clients))
             return
+        denied_until = command.get("deniedUntil")
+        if target[0] == "user" and isinstance(denied_until, int | float):
+            self.bans.apply(bans.user_key(target[1]), bans.entry(denied_until, reason))
         if command.get("reconnect") is True:
             for client in clients:
                 self.tell_to_reconnect(client)

@@ -62,6 +62,8 @@ async def test_publish_takes_the_durable_path(make_gateway: GatewayFactory,
     assert "offset" not in (await alice.next("room:event"))["data"]
     status, body = await _call(gw, "GET", "/api/nothing-here")
     assert status == 404 and body["error"]["code"] == "bad_request"
+    status, body = await _call(gw, "GET", "/api/publish")
+    assert status == 405 and body["error"]["message"] == "method not allowed"
     # Bad input: a clear status and JSON body.
     for bad, want in (({"roomId": "bad room", "content": "x"}, 400),
                       ({"roomId": "r", "content": "x" * 5000}, 413),

@@ -28,6 +28,20 @@ COLUMNS = ("stream", "epoch", "seq", "prev_seq", "subject", "kind", "room_id", "
 _SELECT = ", ".join(COLUMNS)
 _NEWEST_FIRST = "ORDER BY epoch DESC, seq DESC"
 
+# The same in both backends' migrations. Only room messages have a room_id and
+# only direct messages a to_user, so these partial indexes hold one channel kind
+# each; the queries select by these columns alone (see above).
+CHANNEL_INDEXES = (
+    "CREATE INDEX messages_room ON messages (room_id, epoch, seq) WHERE room_id IS NOT NULL",
+    "CREATE INDEX messages_to_user ON messages (to_user, epoch, seq) WHERE to_user IS NOT NULL",
+    # Direct messages by sender.
+    "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq)"
+    " WHERE to_user IS NOT NULL",
+)
+# Migration 2. History items carry prevOffset: the previous message on the
+# same subject, found by one probe of this index.
+SUBJECT_INDEX = ("CREATE INDEX messages_subject ON messages (subject, epoch, seq)",)
+
 # Placeholder n (1-based) in a backend's syntax.
 Placeholder = Callable[[int], str]
 

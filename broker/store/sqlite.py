@@ -56,22 +56,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             stored_at REAL NOT NULL,
             PRIMARY KEY (stream, epoch, seq)
         )""",
-        # Only room messages have a room_id and only direct messages a
-        # to_user, so these partial indexes hold one channel kind each; the
-        # queries select by these columns alone (see sql.py for why).
-        "CREATE INDEX messages_room ON messages (room_id, epoch, seq)"
-        " WHERE room_id IS NOT NULL",
-        "CREATE INDEX messages_to_user ON messages (to_user, epoch, seq)"
-        " WHERE to_user IS NOT NULL",
-        # Direct messages by sender.
-        "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq)"
-        " WHERE to_user IS NOT NULL",
+        *sql.CHANNEL_INDEXES,
     ),
-    (
-        # History items carry prevOffset: the previous message on the same
-        # subject, found by one probe of this index.
-        "CREATE INDEX messages_subject ON messages (subject, epoch, seq)",
-    ),
+    sql.SUBJECT_INDEX,
 )
 
 # ON CONFLICT on the key only: INSERT OR IGNORE would also swallow a NOT NULL

@@ -138,7 +138,7 @@ class Client:
                 raise ProtocolError(ErrorCode.BAD_FRAME, "text frame on a msgpack connection")
             frame = protocol.parse_frame(codec.decode(self.fmt, raw))
         except ProtocolError as exc:
-            metrics.frames_received.labels("invalid").inc()
+            metrics.frames_by_type["invalid"].inc()
             self._bad_frame(exc)
             return
         self._bad_frames = 0
@@ -148,8 +148,8 @@ class Client:
 
     async def _dispatch(self, frame: protocol.Frame, allowed: bool) -> None:
         kind = frame.type
-        self.node.metrics.frames_received.labels(
-            kind if kind in protocol.CLIENT_TYPES else "unknown").inc()
+        counters = self.node.metrics.frames_by_type
+        counters.get(kind, counters["unknown"]).inc()
         if not allowed:
             self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED,
                                             "too many frames, slow down"))

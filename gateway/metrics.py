@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from broker.metrics import StreamMetrics
+from gateway.protocol import CLIENT_TYPES
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0)
@@ -42,6 +43,11 @@ class GatewayMetrics:
         self.frames_received = Counter(
             "rtgate_frames_received_total", "Frames received by type", ["type"],
             registry=registry)
+        # Label children resolved once: labels() is a locked dict lookup per call.
+        self.frames_by_type = {
+            kind: self.frames_received.labels(kind)
+            for kind in (*CLIENT_TYPES, "unknown", "invalid")
+        }
         self.bytes_received = Counter(
             "rtgate_bytes_received_total", "Bytes received from sockets", registry=registry)
         self.errors = Counter(

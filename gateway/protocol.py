@@ -7,8 +7,8 @@ requests or raises ``ProtocolError`` with the code the client will see.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import re
+import time
 from typing import Any
 
 from gateway.errors import ErrorCode, ProtocolError
@@ -234,6 +234,11 @@ def error_frame(error: ProtocolError) -> dict[str, Any]:
 
 
 def timestamp(epoch_seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds, as every event carries."""
-    moment = datetime.datetime.fromtimestamp(epoch_seconds, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds, as every event carries.
+
+    Built with time.gmtime rather than datetime: this runs once per message
+    sent and showed up in the gateway's profile.
+    """
+    seconds = int(epoch_seconds)
+    millis = int((epoch_seconds - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

@@ -24,7 +24,7 @@ from nats.js.api import StreamInfo
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
-from broker import natsconn, streams, subjects
+from broker import jsread, natsconn, streams, subjects
 from broker.background import Background
 from gateway import admission, bans, disconnect
 from gateway.admission import AddressLimits
@@ -154,27 +154,6 @@ class Node:
 
     # -- NATS helpers ------------------------------------------------------------
 
-    async def direct_get(self, stream: str, **request: Any) -> Msg | None:
-        """One message by JetStream direct get, or None when there is none (404)."""
-        if not self.nats_connected:
-            raise unavailable()
-        try:
-            msg = await self.nc.request(
-                streams.direct_get_subject(stream),
-                streams.direct_get_request(**request),
-                timeout=self.config.nats.request_timeout,
-            )
-        except (TimeoutError, NatsTimeout) as exc:
-            raise unavailable("stream lookup timed out") from exc
-        except Exception as exc:
-            raise unavailable() from exc
-        status = msg.headers.get(subjects.HDR_STATUS) if msg.headers else None
-        if status == "404":
-            return None
-        if status is not None:
-            raise unavailable(f"stream lookup failed ({status})")
-        return msg
-
     async def history(self, channel: dict[str, str], cursor: str | None, limit: int
                       ) -> dict[str, Any]:
         """A page of history from the broker (any replica answers); never hangs."""
@@ -199,15 +178,24 @@ class Node:
         return reply
 
     async def last_room_offset(self, room_id: str) -> int:
-        msg = await self.direct_get(
-            subjects.ROOMS_STREAM, last_by_subj=subjects.room_subject(room_id))
-        if msg is None or msg.headers is None:
-            return 0
-        return int(msg.headers[subjects.HDR_SEQUENCE])
+        if not self.nats_connected:
+            raise unavailable()
+        try:
+            return await jsread.last_seq(self.nc, subjects.ROOMS_STREAM,
+                                         subjects.room_subject(room_id),
+                                         self.config.nats.request_timeout)
+        except jsread.ReadError as exc:
+            raise unavailable(f"stream lookup failed: {exc}") from exc
 
     async def stored_event(self, stream: str, seq: int) -> dict[str, Any]:
         """The stored event at ``seq`` in ``stream`` (without prevOffset)."""
-        msg = await self.direct_get(stream, seq=seq)
+        if not self.nats_connected:
+            raise unavailable()
+        try:
+            msg = await jsread.get_one(self.nc, stream, self.config.nats.request_timeout,
+                                       seq=seq)
+        except jsread.ReadError as exc:
+            raise unavailable(f"stream lookup failed: {exc}") from exc
         if msg is None:
             raise ProtocolError(ErrorCode.INTERNAL, "stored message vanished")
         event: dict[str, Any] = json.loads(msg.data)

@@ -45,14 +45,9 @@ async def test_nats_restart_mid_session(
     await _wait_status(gw1, "/readyz", 200)
     await _wait_status(gw2, "/readyz", 200)
     # Subscriptions are back: a message through gw1 reaches bob on gw2 again.
-    after = None
-    for _ in range(50):
-        ack = await a.request("chat:message", {"roomId": "lobby", "content": "after"})
-        if ack["ok"]:
-            after = ack["data"]["message"]
-            break
-        await asyncio.sleep(0.1)
-    assert after is not None and after["offset"] == before["offset"] + 1
+    after = (await a.ok_once_available("chat:message", {"roomId": "lobby",
+                                                        "content": "after"}))["message"]
+    assert after["offset"] == before["offset"] + 1
     got = await b.next("chat:message", timeout=10)
     assert got["data"]["content"] == "after" and got["data"]["prevOffset"] == before["offset"]
     assert after["epoch"] == before["epoch"]  # same stream, same epoch

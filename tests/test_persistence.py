@@ -243,13 +243,10 @@ async def test_history_walks_a_room_across_a_stream_epoch_change(
         await nc.jetstream().delete_stream(subjects.ROOMS_STREAM)
     finally:
         await nc.close()
-    new = []
-    while len(new) < 3:
-        ack = await a.request("chat:message", {"roomId": "lobby", "content": f"new {len(new)}"})
-        if ack["ok"]:
-            new.append(ack["data"]["message"])
-        else:
-            await asyncio.sleep(0.05)  # the gateway re-provisions the stream
+    # The gateway re-provisions the stream on the first refused publish.
+    new = [(await a.ok_once_available("chat:message", {"roomId": "lobby",
+                                                       "content": f"new {i}"}))["message"]
+           for i in range(3)]
     assert new[0]["epoch"] != old[0]["epoch"] and new[0]["offset"] == 1
     await _persisted(broker, Channel.room("lobby"), 6)
     seen: list[tuple[str, int, str]] = []

@@ -216,13 +216,7 @@ async def test_stream_recreated_while_connected_gets_a_new_epoch(
         await nc.jetstream().delete_stream(subjects.ROOMS_STREAM)
     finally:
         await nc.close()
-    new = None
-    for _ in range(100):
-        ack = await a.request("chat:message", {"roomId": "lobby", "content": "y"})
-        if ack["ok"]:
-            new = ack["data"]["message"]
-            break
-        assert ack["error"]["code"] == "unavailable"
-        await asyncio.sleep(0.05)
-    assert new is not None and new["offset"] == 1
+    new = (await a.ok_once_available("chat:message", {"roomId": "lobby",
+                                                      "content": "y"}))["message"]
+    assert new["offset"] == 1
     assert new["epoch"] != old["epoch"] and new["id"] != old["id"]

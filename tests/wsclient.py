@@ -111,6 +111,19 @@ class WsClient:
         assert ack["ok"] is True, ack
         return ack["data"]
 
+    async def ok_once_available(self, kind: str, data: Any = None, attempts: int = 100,
+                                pause: float = 0.05) -> Any:
+        """Send until the gateway stops answering ``unavailable`` (the backbone is
+        coming back); any other error fails the test. Polling is the point here:
+        the client has no event for "the stream exists again"."""
+        for _ in range(attempts):
+            ack = await self.request(kind, data)
+            if ack["ok"]:
+                return ack["data"]
+            assert ack["error"]["code"] == "unavailable", ack
+            await asyncio.sleep(pause)
+        raise AssertionError(f"{kind} still unavailable after {attempts} attempts")
+
     async def error(self, kind: str, data: Any = None, timeout: float = TIMEOUT) -> str:
         """Send and return the ack's error code, failing the test on an ok ack."""
         ack = await self.request(kind, data, timeout)

@@ -29,20 +29,19 @@ class TokenBucket:
 
 
 class RefusalStreak:
-    """Notices a client refused in every second of a run of seconds: sustained abuse
-    rather than a burst, which the token bucket alone already handles."""
+    """Notices a client refused without a break of a second or more for ``seconds``:
+    sustained abuse rather than a burst, which the token bucket alone handles."""
 
-    __slots__ = ("_last", "_seconds", "_streak")
+    __slots__ = ("_last", "_seconds", "_start")
 
-    def __init__(self, seconds: int) -> None:
+    def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._last = -2
-        self._streak = 0
+        self._start = 0.0
+        self._last = float("-inf")
 
     def refused(self, now: float) -> bool:
-        """Record a refusal at ``now``; True once refusals span ``seconds`` seconds in a row."""
-        second = int(now)
-        if second != self._last:
-            self._streak = self._streak + 1 if second == self._last + 1 else 1
-            self._last = second
-        return self._streak >= self._seconds
+        """Record a refusal at ``now``; True once refusals have gone on for ``seconds``."""
+        if now - self._last >= 1.0:
+            self._start = now  # a pause of a second or more starts a new streak
+        self._last = now
+        return now - self._start >= self._seconds

@@ -15,7 +15,7 @@ from broker.natsconn import NatsVersionError, check_server_version
 from gateway import codec, protocol, wsframe
 from gateway.config import GatewayConfig
 from gateway.errors import ErrorCode, ProtocolError
-from gateway.ratelimit import TokenBucket
+from gateway.ratelimit import RefusalStreak, TokenBucket
 from gateway.throttle import Coalescer
 
 
@@ -93,6 +93,21 @@ def test_token_bucket() -> None:
     assert bucket.take(0.5) is True  # one token back after half a second at 2/s
     assert bucket.take(0.5) is False
     assert [bucket.take(100) for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def test_refusal_streak_counts_duration_not_clock_seconds() -> None:
+    # Starting just before a whole second must not shorten the streak: five
+    # clock seconds touched can be barely more than four seconds of refusals.
+    streak = RefusalStreak(5)
+    times = [0.95 + 0.1 * i for i in range(60)]
+    closed_at = next(t for t in times if streak.refused(t))
+    assert closed_at - times[0] >= 5
+    # A pause of a second or more starts over.
+    streak = RefusalStreak(5)
+    assert not any(streak.refused(t) for t in (0.0, 0.9, 1.8, 2.7, 3.6))
+    assert not streak.refused(4.7)  # 1.1 s after the last: a new streak from 4.7
+    assert not any(streak.refused(t) for t in (5.6, 6.5, 7.4, 8.3, 9.2))
+    assert streak.refused(9.75)  # 5.05 s since 4.7
 
 
 def test_coalescer_forwards_latest_at_interval_end() -> None:

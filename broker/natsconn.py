@@ -110,11 +110,26 @@ def _server_url(nc: Client) -> str:
 
 
 async def close(nc: Client | None, timeout: float = 5.0) -> None:
-    """Drain (finish in-flight work, flush publishes) and close; close hard if draining stalls."""
+    """Drain (finish in-flight work, flush publishes) and close; close hard if draining stalls.
+
+    Draining waits until every subscription's queued messages are processed,
+    so a subscription its owner abandoned (above all a pull subscription: only
+    a fetch empties it) stalls it: owners unsubscribe theirs before this.
+    """
     if nc is None or nc.is_closed:
         return
+    drain = asyncio.ensure_future(nc.drain())
     try:
-        await asyncio.wait_for(nc.drain(), timeout=timeout)
-    except Exception as exc:
+        done, _ = await asyncio.wait({drain}, timeout=timeout)
+    except asyncio.CancelledError:
+        drain.cancel()
+        raise
+    if not done:
+        # Named while still registered: a cancelled drain closes and forgets them.
+        log.warning("nats drain stalled; closing", timeout=timeout,
+                    subscriptions=sorted({sub.subject for sub in nc._subs.values()}))
+        drain.cancel()
+        await asyncio.wait({drain})
+    elif not drain.cancelled() and (exc := drain.exception()) is not None:
         log.warning("nats drain failed", error=repr(exc))
-        await nc.close()
+    await nc.close()  # nothing to do once drained

@@ -8,9 +8,12 @@ batch, and the store's idempotent writes make the redelivery harmless.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -73,6 +76,43 @@ def to_stored(stream: str, epoch: str, seq: int, subject: str, event: Any) -> St
         event=event, stored_at=time.time())
 
 
+async def _to_the_end(batch: Coroutine[Any, Any, None]) -> None:
+    """Run one batch to its end even if the loop is cancelled meanwhile.
+
+    Stopping cancels the loop; a batch it interrupted could be stored but not
+    acked (redelivered after ack_wait). Shielded, stopping waits for the batch
+    instead: written then acked, or (write failed) left unacked.
+    """
+    task = asyncio.ensure_future(batch)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def _release(psub: JetStreamContext.PullSubscription) -> None:
+    """Unsubscribe a pull subscription and hand back what it holds unprocessed.
+
+    A pull subscription has no callback: nothing but a fetch takes messages out
+    of its queue, and nats-py's fetch takes leftovers (late 408 "request
+    timeout" replies to earlier pulls) out without marking them done. So one
+    left on the connection makes the connection's drain wait on a queue join
+    that never ends, until the drain times out. Messages a cancelled fetch left
+    in the queue are nak'd so that JetStream redelivers them now, not after
+    ack_wait.
+    """
+    with contextlib.suppress(Exception):
+        await psub.unsubscribe()
+    queue = psub._sub._pending_queue
+    while not queue.empty():
+        msg: Msg = queue.get_nowait()
+        queue.task_done()
+        if msg.reply and not JetStreamContext.is_status_msg(msg):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+
 class Persister:
     def __init__(self, nc: Client, store: Store, settings: StreamSettings,
                  epochs: dict[str, str], background: Background,
@@ -109,27 +149,33 @@ class Persister:
     async def _run(self, spec: StreamSpec) -> None:
         psub: JetStreamContext.PullSubscription | None = None
         background = self._background
-        while not background.stopping:
-            if psub is None:
+        try:
+            while not background.stopping:
+                if psub is None:
+                    try:
+                        psub = await self._subscribe(spec)
+                    except Exception as exc:
+                        log.warning("cannot bind the persist consumer", stream=spec.name,
+                                    error=repr(exc))
+                        await background.sleep(1)
+                        continue
                 try:
-                    psub = await self._subscribe(spec)
+                    msgs = await psub.fetch(batch=BATCH, timeout=1.0)
+                except TimeoutError:
+                    continue
                 except Exception as exc:
-                    log.warning("cannot bind the persist consumer", stream=spec.name,
-                                error=repr(exc))
+                    if background.stopping:
+                        return
+                    log.warning("fetch failed", stream=spec.name, error=repr(exc))
+                    # The consumer or the stream may be gone: bind again, to a new inbox.
+                    await _release(psub)
+                    psub = None
                     await background.sleep(1)
                     continue
-            try:
-                msgs = await psub.fetch(batch=BATCH, timeout=1.0)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                if background.stopping:
-                    return
-                log.warning("fetch failed", stream=spec.name, error=repr(exc))
-                psub = None  # the consumer or the stream may be gone: bind again
-                await background.sleep(1)
-                continue
-            await self._persist(spec.name, msgs)
+                await _to_the_end(self._persist(spec.name, msgs))
+        finally:
+            if psub is not None:
+                await _release(psub)
 
     async def _persist(self, stream: str, msgs: list[Msg]) -> None:
         epoch = self._epochs.get(stream, "")

@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from broker import settings
-from broker.settings import LogSettings, NatsSettings, StreamSettings, require
+from broker.settings import (
+    LogSettings,
+    NatsSettings,
+    PresenceSettings,
+    StreamSettings,
+    require,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class BrokerConfig:
     store: StoreSettings = StoreSettings()
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
+    presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
 
     @property

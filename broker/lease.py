@@ -15,6 +15,7 @@ import json
 import structlog
 from nats.aio.client import Client
 from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from broker.background import Background
 
@@ -34,44 +35,67 @@ class Lease:
         self._key = key
         self._holder = holder
         self._ttl = max(2, ttl_seconds)
+        self._value = json.dumps({"holder": holder}).encode()
         self._revision = 0
+        # The revision the lease was acquired at: it only grows from one holder
+        # to the next, so it fences a former holder that does not know it lost.
+        self.token = 0
         self.lost = False
+
+    @property
+    def ttl(self) -> int:
+        return self._ttl
+
+    async def _bucket(self) -> KeyValue:
+        try:
+            return await self._js.key_value(BUCKET)
+        except Exception:
+            return await self._js.create_key_value(bucket=BUCKET, history=1)
+
+    async def try_acquire(self) -> str | None:
+        """One attempt: None when the lease is now ours, else who holds it."""
+        kv = await self._bucket()
+        try:
+            self._revision = await kv.create(self._key, self._value, msg_ttl=self._ttl)
+        except KeyWrongLastSequenceError:
+            entry = await kv.get(self._key)
+            holder: str = json.loads(entry.value or b"{}").get("holder", "?") if entry else "?"
+            return holder
+        self.token = self._revision
+        self.lost = False
+        return None
 
     async def acquire(self, wait: float | None = None) -> None:
         """Take the lease, waiting up to ``wait`` seconds (default: one TTL and a half)
         for a holder that crashed to time out; LeaseHeld if someone still holds it."""
-        try:
-            kv = await self._js.key_value(BUCKET)
-        except Exception:
-            kv = await self._js.create_key_value(bucket=BUCKET, history=1)
-        value = json.dumps({"holder": self._holder}).encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._ttl * 1.5 if wait is None else wait)
         while True:
-            try:
-                self._revision = await kv.create(self._key, value, msg_ttl=self._ttl)
+            holder = await self.try_acquire()
+            if holder is None:
                 return
-            except KeyWrongLastSequenceError:
-                if loop.time() >= deadline:
-                    entry = await kv.get(self._key)
-                    holder = json.loads(entry.value or b"{}").get("holder", "?") \
-                        if entry else "?"
-                    raise LeaseHeld(holder) from None
-                await asyncio.sleep(0.5)
+            if loop.time() >= deadline:
+                raise LeaseHeld(holder)
+            await asyncio.sleep(0.5)
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and ``lost``) if it is no longer ours."""
+        try:
+            ack = await self._js.publish(
+                f"$KV.{BUCKET}.{self._key}", self._value, msg_ttl=self._ttl,
+                headers={"Nats-Expected-Last-Subject-Sequence": str(self._revision)})
+            self._revision = ack.seq
+            return True
+        except Exception as exc:
+            if not self.lost:
+                log.error("lease renewal failed", key=self._key, error=repr(exc))
+            self.lost = True
+            return False
 
     async def keep(self, background: Background) -> None:
         """Renew every third of the TTL until stopped; mark ``lost`` if renewal fails."""
-        value = json.dumps({"holder": self._holder}).encode()
         while await background.sleep(self._ttl / 3):
-            try:
-                ack = await self._js.publish(
-                    f"$KV.{BUCKET}.{self._key}", value, msg_ttl=self._ttl,
-                    headers={"Nats-Expected-Last-Subject-Sequence": str(self._revision)})
-                self._revision = ack.seq
-            except Exception as exc:
-                if not self.lost:
-                    log.error("lease renewal failed", key=self._key, error=repr(exc))
-                self.lost = True
+            await self.renew()
 
     async def release(self) -> None:
         try:

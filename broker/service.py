@@ -1,8 +1,5 @@
-"""The broker service: provisions the streams and serves health and metrics.
-
-Persistence and presence consume what gateways publish; they join this
-service in later issues. What is here already is the lifecycle they plug into.
-"""
+"""The broker service: provisions the streams, persists them, serves history,
+runs the presence service, and serves health and metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +16,7 @@ from broker.history import History
 from broker.lease import Lease, LeaseHeld
 from broker.metrics import StreamMetrics
 from broker.persist import Persister
+from broker.presence import PresenceService
 from broker.store import Store, StoreError, open_store
 
 log = structlog.get_logger("rtgate.broker")
@@ -38,6 +36,7 @@ class Broker:
         self._lease: Lease | None = None
         self.persister: Persister | None = None
         self.history: History | None = None
+        self.presence: PresenceService | None = None
         self.background = Background()
 
     @property
@@ -77,15 +76,23 @@ class Broker:
         self.history = History(self._nc, self.store, self.persister, self.epochs,
                                self.config.nats.request_timeout)
         await self.history.serve()
+        if self.config.presence.enabled:
+            self.presence = PresenceService(self._nc, self.config.presence, self.broker_id,
+                                            self.registry, self.config.streams.replicas,
+                                            self.config.nats.request_timeout)
+            self.presence.start()
         log.info("broker started", broker_id=self.broker_id, epochs=self.epochs)
 
     async def stop(self) -> None:
+        if self.presence is not None:
+            await self.presence.stop()
         await self.background.stop()
         if self._lease is not None:
             await self._lease.release()
+        # Draining answers the history requests already queued: the store stays open for them.
+        await natsconn.close(self._nc)
         if self.store is not None:
             await self.store.close()
-        await natsconn.close(self._nc)
         log.info("broker stopped", broker_id=self.broker_id)
 
     async def _provision(self) -> None:

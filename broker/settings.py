@@ -27,7 +27,7 @@ T = TypeVar("T")
 # Sections of every rtgate service. A service skips the others' sections, so
 # one file or one environment can serve both; any other name is a typo.
 ALL_SECTIONS = frozenset({"server", "auth", "limits", "edge", "nats", "streams", "log",
-                          "broker", "store"})
+                          "broker", "store", "presence"})
 
 
 class ConfigError(Exception):
@@ -70,6 +70,54 @@ class StreamSettings:
     # has stored and what is older than the window.
     recovery_window_seconds: float = 120.0
     recovery_max_messages: int = 1000
+
+
+PRESENCE_POLICIES = ("all", "shared-rooms")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PresenceSettings:
+    """Presence, read by both tiers: the timing must agree between them."""
+
+    # Gateways report and the broker runs the presence service; false on
+    # either side turns presence off there (queries answer "unavailable").
+    enabled: bool = True
+    # Gateways heartbeat this often; one missing this many is declared dead.
+    heartbeat_seconds: float = 5.0
+    missed_heartbeats: int = 3
+    # A user whose last connection ends and who returns within this causes no
+    # offline/online and no left/joined.
+    grace_seconds: float = 5.0
+    # Who may query and watch whom: "all", or "shared-rooms" (users who share
+    # a room with the asker; yourself always).
+    visibility: str = "shared-rooms"
+    # Who may send direct:message to whom, by the same membership view.
+    direct_messages: str = "all"
+    # Users one connection may watch with presence:subscribe.
+    max_watched: int = 100
+    # Broker: the lease that makes one presence service active; a standby takes
+    # over within about this long after the active one dies.
+    lease_ttl_seconds: int = 6
+    # Broker: how often the active service saves its state (when it changed)
+    # for the next one to continue from.
+    snapshot_interval_seconds: float = 1.0
+    # Broker: after taking over, how long gateways have to send their state
+    # before queries are answered.
+    settle_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.heartbeat_seconds > 0, "presence.heartbeat_seconds must be > 0")
+        require(self.missed_heartbeats >= 1, "presence.missed_heartbeats must be >= 1")
+        require(self.grace_seconds >= 0, "presence.grace_seconds must be >= 0")
+        require(self.visibility in PRESENCE_POLICIES,
+                f"presence.visibility must be {' or '.join(PRESENCE_POLICIES)}")
+        require(self.direct_messages in PRESENCE_POLICIES,
+                f"presence.direct_messages must be {' or '.join(PRESENCE_POLICIES)}")
+        require(1 <= self.max_watched <= 10000, "presence.max_watched must be 1..10000")
+        require(self.lease_ttl_seconds >= 2, "presence.lease_ttl_seconds must be >= 2")
+        require(self.snapshot_interval_seconds > 0,
+                "presence.snapshot_interval_seconds must be > 0")
+        require(self.settle_seconds >= 0, "presence.settle_seconds must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -46,8 +46,17 @@ HISTORY_QUEUE = "rtgate-history"
 # The durable consumer every broker replica shares to persist a stream.
 PERSIST_CONSUMER = "rtgate-persist"
 
-# Presence events from gateways (issue: presence) and their heartbeats.
+# Presence (docs/presence.md). Gateways report to the presence service on
+# rt.presence.<kind>.<gateway> (kind: events, heartbeat, sync); the service
+# asks for full state on the sync subjects, answers queries on
+# PRESENCE_API_SUBJECT, and publishes user:online/offline per user (each
+# gateway holds one wildcard subscription for the users its clients watch).
+# room:user_joined/left go to the live room subject like any room event.
 PRESENCE_PREFIX = "rt.presence."
+PRESENCE_SYNC_SUBJECT = "rt.ctl.presence.sync"
+PRESENCE_API_SUBJECT = "rt.api.presence"
+PRESENCE_API_QUEUE = "rtgate-presence"
+LIVE_PRESENCE_USER_PREFIX = "rt.live.presence.user."
 
 # Headers. The Nats-* ones are set by JetStream on republished copies.
 HDR_SEQUENCE = "Nats-Sequence"
@@ -57,6 +66,12 @@ HDR_STREAM = "Nats-Stream"
 # Which connection published a message (gateway id "/" connection id), so
 # the sender's own copy can be told apart without a lookup.
 HDR_ORIGIN = "Rt-Origin"
+
+# The presence service's fencing token (its lease revision) on everything it
+# publishes, and, on room presence events, the user they are about (whose
+# own connections do not receive them).
+HDR_PRESENCE_REVISION = "Rt-Presence-Rev"
+HDR_PRESENCE_USER = "Rt-Presence-User"
 
 # Status header NATS puts on control replies (404 no message, 503 no responders).
 HDR_STATUS = "Status"
@@ -118,9 +133,18 @@ def control_user_subject(user_id: str) -> str:
     return CONTROL_USER_PREFIX + encode_token(user_id)
 
 
-def presence_subject(event: str, gateway_id: str) -> str:
-    """``event`` is one of connect, disconnect, join, leave, heartbeat."""
-    return f"{PRESENCE_PREFIX}{event}.{encode_token(gateway_id)}"
+def presence_subject(kind: str, gateway_id: str) -> str:
+    """``kind`` is one of events, heartbeat, sync."""
+    return f"{PRESENCE_PREFIX}{kind}.{encode_token(gateway_id)}"
+
+
+def presence_sync_subject(gateway_id: str) -> str:
+    """Where the presence service asks one gateway for its full state."""
+    return f"{PRESENCE_SYNC_SUBJECT}.{encode_token(gateway_id)}"
+
+
+def live_presence_user_subject(user_id: str) -> str:
+    return LIVE_PRESENCE_USER_PREFIX + encode_token(user_id)
 
 
 def dedup_id(user_id: str, kind: str, target: str, client_id: str) -> str:

@@ -80,6 +80,8 @@ def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
         ("POST", "/api/users/{userId}/disconnect", disconnect_user),
         ("POST", "/api/rooms/{roomId}/kick", kick),
         ("GET", "/api/rooms/{roomId}/messages", room_messages),
+        ("GET", "/api/rooms/{roomId}/presence", room_presence),
+        ("GET", "/api/users/{userId}/presence", user_presence),
     )
     for method, path, handler in routes:
         app.router.add_route(method, path, guarded(handler))
@@ -210,8 +212,8 @@ async def kick(request: web.Request, node: Node) -> web.StreamResponse:
     return web.json_response({"roomId": room_id, "userId": user_id, "banSeconds": ban})
 
 
-async def room_messages(request: web.Request, node: Node) -> web.StreamResponse:
-    room_id = _path_id(request, "roomId", protocol.MAX_ROOM_ID)
+def _page_query(request: web.Request, room_id: str) -> dict[str, Any]:
+    """``roomId`` with ``cursor`` and ``limit`` from the query string."""
     query: dict[str, Any] = {"roomId": room_id}
     if "cursor" in request.query:
         query["cursor"] = request.query["cursor"]
@@ -220,8 +222,26 @@ async def room_messages(request: web.Request, node: Node) -> web.StreamResponse:
             query["limit"] = int(request.query["limit"])
         except ValueError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be an integer") from exc
-    room, cursor, limit = protocol.history_page(query)
+    return query
+
+
+async def room_messages(request: web.Request, node: Node) -> web.StreamResponse:
+    room_id = _path_id(request, "roomId", protocol.MAX_ROOM_ID)
+    room, cursor, limit = protocol.history_page(_page_query(request, room_id))
     assert room is not None
     page = await node.history({"kind": "room", "id": room}, cursor, limit)
     return web.Response(text=json.dumps(page, ensure_ascii=False),
                         content_type="application/json")
+
+
+async def room_presence(request: web.Request, node: Node) -> web.StreamResponse:
+    """Members of a room across every gateway, paged like the client's ``presence``."""
+    room_id = _path_id(request, "roomId", protocol.MAX_ROOM_ID)
+    room, cursor, limit = protocol.presence_page(_page_query(request, room_id))
+    return web.json_response(await node.presence.room_page(room, cursor, limit))
+
+
+async def user_presence(request: web.Request, node: Node) -> web.StreamResponse:
+    """``{userId, online, username, socketCount, rooms}`` for one user."""
+    user_id = _path_id(request, "userId", protocol.MAX_USER_ID)
+    return web.json_response(await node.presence.ask({"op": "user", "userId": user_id}))

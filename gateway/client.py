@@ -45,7 +45,8 @@ class Client:
     # Thousands of these live per process: slots keep each one small.
     __slots__ = (
         "_bad_frames", "_bucket", "_refusals", "_timers", "closing", "conn_id", "fmt", "holds",
-        "identity", "key", "node", "opened_at", "remote", "rooms", "user_id", "writer", "ws",
+        "identity", "key", "node", "opened_at", "remote", "rooms", "user_id", "watching",
+        "writer", "ws",
     )
 
     def __init__(
@@ -67,6 +68,8 @@ class Client:
         self.identity: Identity | None = None
         self.user_id = ""
         self.rooms: set[str] = set()
+        # Users this connection watches (presence:subscribe); None for most.
+        self.watching: set[str] | None = None
         self.writer = Writer(transport, node.flusher, limits.outbox_frames, limits.outbox_bytes,
                              self._on_overflow)
         self.closing: Disconnect | None = None
@@ -245,6 +248,8 @@ class Client:
         self._cancel_timer("auth")
         self._schedule_expiry(identity)
         if previous is not None:
+            # A refreshed token may carry a new display name.
+            self.node.presence.connected(self.conn_id, identity.user_id, identity.username)
             for room_id in sorted(self.rooms):
                 if not identity.may_join(room_id):
                     self.node.hub.leave(self, room_id)
@@ -468,6 +473,12 @@ class Client:
     async def on_direct(self, frame: protocol.Frame) -> Any:
         msg = protocol.direct_message(frame.data, self.node.config.limits.max_content_bytes)
         identity = self._identity()
+        if self.node.config.presence.direct_messages == "shared-rooms" and \
+                msg.to_user_id != identity.user_id:
+            # Whether or not the recipient is online: refusing only offline
+            # strangers would tell the sender who is online.
+            await self.node.presence.visible(identity.user_id, [msg.to_user_id],
+                                             "shared-rooms")
         body = durable.direct_body(identity.user_id, identity.username, msg.to_user_id,
                                    msg.content)
         return await self._publish_durable(frame, durable.direct(msg.to_user_id), body,
@@ -544,6 +555,50 @@ class Client:
             self._check_may_read(room_id)  # the same rule as joining
             channel = {"kind": "room", "id": room_id}
         return await self.node.history(channel, cursor, limit)
+
+    # -- presence --------------------------------------------------------------
+
+    async def on_presence(self, frame: protocol.Frame) -> Any:
+        """Members of a room, paged; the same rule as joining."""
+        room_id, cursor, limit = protocol.presence_page(frame.data)
+        self._check_may_read(room_id)
+        return await self.node.presence.room_page(room_id, cursor, limit)
+
+    async def on_presence_users(self, frame: protocol.Frame) -> Any:
+        users = protocol.user_ids(frame.data)
+        node = self.node
+        online = await node.presence.visible(self.user_id, users,
+                                             node.config.presence.visibility)
+        return {"online": online}
+
+    async def on_presence_subscribe(self, frame: protocol.Frame) -> Any:
+        """Watch users; the ack's state is read after watching began, so no change
+        falls between the two."""
+        users = protocol.user_ids(frame.data)
+        node = self.node
+        policy = node.config.presence.visibility
+        limit = node.config.presence.max_watched
+        new = [u for u in users if self.watching is None or u not in self.watching]
+        if len(self.watching or ()) + len(new) > limit:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"at most {limit} watched users per connection")
+        if policy != "all":
+            # Checked before watching: a stranger's events must never arrive.
+            await node.presence.visible(self.user_id, users, policy)
+        if self.conn_id not in node.hub.connections:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "connection closed")  # gone meanwhile
+        node.presence.watch(self, new)
+        try:
+            online = await node.presence.visible(self.user_id, users, "all")
+        except ProtocolError:
+            node.presence.unwatch(self, new)
+            raise
+        return {"online": online, "watching": len(self.watching or ())}
+
+    async def on_presence_unsubscribe(self, frame: protocol.Frame) -> Any:
+        users = protocol.user_ids(frame.data)
+        self.node.presence.unwatch(self, users)
+        return {"watching": len(self.watching or ())}
 
     async def on_batch(self, frame: protocol.Frame) -> Any:
         items = protocol.batch_items(frame.data)
@@ -629,6 +684,10 @@ def _identity_data(identity: Identity) -> dict[str, Any]:
 
 _HANDLERS: dict[str, Handler] = {
     "auth": Client.on_auth,
+    "presence": Client.on_presence,
+    "presence:users": Client.on_presence_users,
+    "presence:subscribe": Client.on_presence_subscribe,
+    "presence:unsubscribe": Client.on_presence_unsubscribe,
     "room:join": Client.on_join,
     "room:leave": Client.on_leave,
     "chat:message": Client.on_chat,

@@ -8,7 +8,13 @@ import socket
 from collections.abc import Mapping
 
 from broker import settings
-from broker.settings import LogSettings, NatsSettings, StreamSettings, require
+from broker.settings import (
+    LogSettings,
+    NatsSettings,
+    PresenceSettings,
+    StreamSettings,
+    require,
+)
 from gateway import admission
 
 DEV_SECRET = "rtgate-insecure-dev-secret-change-me"
@@ -165,6 +171,7 @@ class GatewayConfig:
     edge: EdgeSettings = EdgeSettings()
     nats: NatsSettings = NatsSettings()
     streams: StreamSettings = StreamSettings()
+    presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ErrorCode(enum.StrEnum):
@@ -27,3 +28,18 @@ class ProtocolError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code.value, "message": self.message}
+
+
+def raise_for_reply(reply: dict[str, Any], what: str) -> None:
+    """A broker service's reply ``{"error": {code, message}}`` as the ProtocolError
+    it stands for; unknown codes are ``internal``."""
+    error = reply.get("error")
+    if error is None:
+        return
+    if not isinstance(error, dict):
+        raise ProtocolError(ErrorCode.INTERNAL, f"{what} failed")
+    try:
+        code = ErrorCode(str(error.get("code")))
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    raise ProtocolError(code, str(error.get("message", f"{what} failed")))

@@ -28,6 +28,7 @@ from gateway.writer import Flusher
 
 if TYPE_CHECKING:
     from gateway.client import Client
+    from gateway.presence import PresenceLink
 
 log = structlog.get_logger("rtgate.hub")
 
@@ -142,9 +143,12 @@ class Hub:
         flusher: Flusher,
         epochs: Mapping[str, str],
         on_rooms_changed: Callable[[int], None],
+        presence: PresenceLink,
         on_gap_filled: Callable[[int], None] | None = None,
     ) -> None:
         self._on_gap_filled = on_gap_filled
+        # Told of every authenticated connection and membership change.
+        self.presence = presence
         self.nc = nc
         self._flusher = flusher
         # The node's live mapping of stream name to epoch.
@@ -190,6 +194,8 @@ class Hub:
     async def authenticated_as(self, client: Client, user_id: str) -> None:
         """A connection proved it is ``user_id``: it now receives that user's direct messages."""
         self.authenticated.add(client)
+        assert client.identity is not None
+        self.presence.connected(client.conn_id, user_id, client.identity.username)
         token = subjects.encode_token(user_id)
         inbox = self._inboxes.get(token)
         if inbox is None:
@@ -205,6 +211,10 @@ class Hub:
         for room_id in list(client.rooms):
             self._rooms.discard(client, room_id)
         client.rooms.clear()
+        # One disconnect covers the rooms: the service drops them with it.
+        self.presence.disconnected(client.conn_id)
+        if client.watching is not None:
+            self.presence.unwatch(client)
         if client.user_id:
             token = subjects.encode_token(client.user_id)
             inbox = self._inboxes.get(token)
@@ -226,12 +236,15 @@ class Hub:
         except BaseException:
             client.rooms.discard(room_id)
             raise
+        if room_id in client.rooms:  # not left or closed while subscribing
+            self.presence.joined(client.conn_id, room_id)
 
     def leave(self, client: Client, room_id: str) -> bool:
         if room_id not in client.rooms:
             return False
         client.rooms.discard(room_id)
         self._rooms.discard(client, room_id)
+        self.presence.left(client.conn_id, room_id)
         return True
 
     # -- fan-out -------------------------------------------------------------
@@ -247,6 +260,9 @@ class Hub:
                 return  # a direct message for a user not connected here
             parsed = _parse(msg)
             if parsed is None:
+                return
+            if parsed.presence_revision:
+                self._presence_event(channel, parsed)
                 return
             if parsed.offset:
                 if channel.last and parsed.prev > channel.last:
@@ -290,6 +306,20 @@ class Hub:
                 self.deliver(channel.members, channel.hold_key, event)
                 after = stored.seq
                 channel.last = stored.seq
+
+    def _presence_event(self, channel: Channel, parsed: Event) -> None:
+        """room:user_joined/left: for the room's other members, if not fenced off."""
+        if not self.presence.accept_revision(parsed.presence_revision):
+            return
+        about = parsed.presence_user
+        self.deliver([c for c in channel.members if c.user_id != about], channel.hold_key,
+                     parsed)
+
+    def deliver_event(self, members: Collection[Client], event: dict[str, Any]) -> None:
+        """Queue an event that belongs to no channel (user:online/offline to watchers)."""
+        kind = event.get("type") if isinstance(event, dict) else None
+        if isinstance(kind, str) and isinstance(event.get("data"), dict):
+            self.deliver(members, "", Event(event, kind, None))
 
     def deliver(self, members: Collection[Client], hold_key: str, parsed: Event) -> None:
         """Queue one event to every member connection; never awaits."""
@@ -351,6 +381,10 @@ class Event:
     prev: int = 0
     stream: str = ""
     subject: str = ""
+    # Presence events: the fencing token of the service that sent it ("" otherwise),
+    # and the user the event is about (their own connections do not get it).
+    presence_revision: str = ""
+    presence_user: str = ""
 
 
 def decorate(parsed: Event, epoch: str) -> None:
@@ -377,6 +411,10 @@ def _parse(msg: Msg) -> Event | None:
     origin = headers.get(subjects.HDR_ORIGIN)
     seq = headers.get(subjects.HDR_SEQUENCE)
     if seq is None:
+        revision = headers.get(subjects.HDR_PRESENCE_REVISION)
+        if revision is not None:
+            return Event(event, kind, None, presence_revision=revision,
+                         presence_user=headers.get(subjects.HDR_PRESENCE_USER, ""))
         return Event(event, kind, origin)
     return Event(event, kind, origin, int(seq),
                  int(headers.get(subjects.HDR_LAST_SEQUENCE, "0") or 0),

@@ -79,6 +79,9 @@ class GatewayMetrics:
             "rtgate_gap_messages_total",
             "Stored messages the gateway read from the stream because republish missed them",
             registry=registry)
+        self.presence_fenced = Counter(
+            "rtgate_presence_fenced", "Presence messages dropped: from a replaced presence "
+            "service (older fencing token)", registry=registry)
         self.streams = StreamMetrics(registry)
 
     def watch_sent(self, read: Callable[[], tuple[int, int]]) -> None:

@@ -31,9 +31,10 @@ from gateway.admission import AddressLimits
 from gateway.auth import Authenticator
 from gateway.bans import Bans
 from gateway.config import GatewayConfig
-from gateway.errors import ErrorCode, ProtocolError
+from gateway.errors import ErrorCode, ProtocolError, raise_for_reply
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
+from gateway.presence import PresenceLink
 from gateway.publisher import Publisher, unavailable
 from gateway.throttle import Coalescer
 from gateway.writer import Flusher
@@ -76,6 +77,10 @@ class Node:
             maxlen=61)
         self._started_at = time.monotonic()
         self.bans = Bans()
+        self.presence = PresenceLink(
+            self.gateway_id, config.presence, config.nats.request_timeout, self.background,
+            lambda members, event: self.hub.deliver_event(members, event),
+            self.metrics.presence_fenced.inc)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -96,8 +101,10 @@ class Node:
                                     self._reprovision_soon)
         await self._publisher.start()
         self._hub = Hub(self._nc, self._flusher, self.epochs, self.metrics.rooms_subscribed.set,
+                        self.presence,
                         self.metrics.gaps_filled.inc)
         await self._hub.start()
+        await self.presence.start(self._nc)
         await self._nc.subscribe(
             subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control)
         await self._nc.subscribe(
@@ -168,13 +175,7 @@ class Node:
         except Exception as exc:  # timeout, no responders: no broker is serving history
             raise unavailable("history is unavailable right now (no broker answered)") from exc
         reply: dict[str, Any] = json.loads(msg.data)
-        error = reply.get("error")
-        if error is not None:
-            try:
-                code = ErrorCode(error.get("code"))
-            except ValueError:
-                code = ErrorCode.INTERNAL
-            raise ProtocolError(code, str(error.get("message", "history failed")))
+        raise_for_reply(reply, "history")
         return reply
 
     async def last_room_offset(self, room_id: str) -> int:

@@ -23,6 +23,7 @@ MAX_FRAME_ID = 2**53 - 1
 CLIENT_TYPES = frozenset({
     "auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping",
     "direct:message", "broadcast:global", "room:event", "batch", "resume", "history",
+    "presence", "presence:users", "presence:subscribe", "presence:unsubscribe",
 })
 MAX_HISTORY = 100
 MAX_CURSOR = 1024
@@ -212,6 +213,41 @@ def history_page(data: Any) -> tuple[str | None, str | None, int]:
     if d.get("direct") is True:
         return None, cursor, limit
     return room_id(d), cursor, limit
+
+
+# Users one presence:users, presence:subscribe or presence:unsubscribe names;
+# members per page of a room's presence.
+MAX_PRESENCE_USERS = 100
+MAX_PRESENCE_PAGE = 1000
+
+
+def presence_page(data: Any) -> tuple[str, str | None, int]:
+    """``{roomId, cursor?, limit?}`` of a ``presence`` query."""
+    d = data if isinstance(data, dict) else {"roomId": data}
+    limit = d.get("limit", MAX_PRESENCE_PAGE)
+    if not isinstance(limit, int) or isinstance(limit, bool) or \
+            not 1 <= limit <= MAX_PRESENCE_PAGE:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"limit must be 1 to {MAX_PRESENCE_PAGE}")
+    cursor = d.get("cursor")
+    if cursor is not None and not is_valid_id(cursor, MAX_USER_ID):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "cursor must be the cursor of the last page")
+    return room_id(d), cursor, limit
+
+
+def user_ids(data: Any) -> list[str]:
+    """``{userIds: [...]}``: 1 to MAX_PRESENCE_USERS valid user ids, duplicates dropped."""
+    ids = _map(data).get("userIds")
+    if not isinstance(ids, list) or not ids:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'userIds' must be a non-empty list")
+    if len(ids) > MAX_PRESENCE_USERS:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                            f"at most {MAX_PRESENCE_USERS} userIds per request")
+    for value in ids:
+        if not is_valid_id(value, MAX_USER_ID):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"userIds must be 1 to {MAX_USER_ID} printable characters without whitespace")
+    return list(dict.fromkeys(ids))
 
 
 def auth_token(data: Any) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from broker.config import BrokerConfig, BrokerSettings, StoreSettings
 from broker.service import Broker
-from broker.settings import NatsSettings, StreamSettings
+from broker.settings import NatsSettings, PresenceSettings, StreamSettings
 from gateway.app import NODE, create_app
 from gateway.auth import mint
 from gateway.config import AuthSettings, GatewayConfig, LimitSettings, ServerSettings
@@ -22,6 +24,21 @@ from rtgate.natsserver import NatsServer
 from tests.wsclient import WsClient
 
 SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10,
+                     pause: float = 0.02) -> None:
+    """Poll ``check`` until it holds. Only for state that announces nothing: another
+    process's view (a presence service, a metric) or a service's internal table.
+    Where an event exists (a frame, a close), wait for the event instead."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(pause)
 
 
 @pytest.fixture
@@ -133,12 +150,21 @@ async def pair_in_room(make_gateway: GatewayFactory, connect: ClientFactory, roo
 BrokerFactory = Callable[..., Awaitable[Broker]]
 
 
-def broker_config(nats_url: str, state: Path, **broker: Any) -> BrokerConfig:
+# Presence timing for tests: deaths, grace and takeovers in about a second.
+FAST_PRESENCE: dict[str, Any] = {
+    "heartbeat_seconds": 0.5, "missed_heartbeats": 3, "grace_seconds": 1.0,
+    "settle_seconds": 0.2, "lease_ttl_seconds": 2, "snapshot_interval_seconds": 0.2,
+}
+
+
+def broker_config(nats_url: str, state: Path, presence: dict[str, Any] | None = None,
+                  **broker: Any) -> BrokerConfig:
     return BrokerConfig(
         broker=dataclasses.replace(BrokerSettings(id="b1", state_dir=str(state)), **broker),
         nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, request_timeout=2),
         streams=StreamSettings(stats_interval_seconds=0.5),
         store=StoreSettings(),
+        presence=PresenceSettings(**(presence or {})),
     )
 
 
@@ -146,8 +172,9 @@ def broker_config(nats_url: str, state: Path, **broker: Any) -> BrokerConfig:
 async def make_broker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[BrokerFactory]:
     brokers: list[Broker] = []
 
-    async def make(**broker: Any) -> Broker:
-        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", **broker))
+    async def make(presence: dict[str, Any] | None = None, **broker: Any) -> Broker:
+        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", presence,
+                                        **broker))
         await instance.start()
         brokers.append(instance)
         return instance

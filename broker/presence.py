@@ -1,0 +1,540 @@
+"""The presence service: the NATS shell around ``PresenceState``.
+
+Every broker replica runs one; a lease in NATS KV makes exactly one active.
+The active one consumes what gateways report (``rt.presence.>``), ticks the
+state machine, publishes the resulting events stamped with its fencing token
+(the lease revision), and answers queries. Every input is journaled
+(broker/presence_journal.py) before its events go out, and the state is saved
+to a NATS object store now and then; the next active service restores the
+save and replays the journal after it, so it continues exactly where the
+last one stopped. A standby only waits for the lease. docs/presence.md has
+the design and its failure modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from broker import presence_journal as journal
+from broker import presence_wire as wire
+from broker import subjects
+from broker.jsread import ReadError
+from broker.lease import Lease
+from broker.presence_journal import Fenced, Journal, JournalGap
+from broker.presence_state import (
+    PresenceConfig,
+    PresenceEvent,
+    PresenceState,
+    RoomUserJoined,
+    RoomUserLeft,
+)
+from broker.settings import PresenceSettings
+
+log = structlog.get_logger("rtgate.presence")
+
+LEASE_KEY = "presence"
+SNAPSHOT_BUCKET = "rtgate_presence"
+SNAPSHOT_OBJECT = "state"
+# How often deadlines (grace, gateway death) are acted upon.
+TICK_SECONDS = 0.25
+# Pages of room members, and the most a query may ask for.
+MAX_PAGE = 1000
+MAX_QUERY_USERS = 100
+# A sync whose parts stop arriving is dropped after this; the next heartbeat
+# asks again.
+SYNC_ASSEMBLY_SECONDS = 10.0
+
+
+class PresenceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.users_online = Gauge("rtgate_presence_users_online",
+                                  "Users announced online (those in grace included)",
+                                  registry=registry)
+        self.connections = Gauge("rtgate_presence_connections",
+                                 "Live connections on gateways not declared dead",
+                                 registry=registry)
+        self.rooms = Gauge("rtgate_presence_rooms", "Rooms with at least one member",
+                           registry=registry)
+        self.gateways_alive = Gauge("rtgate_presence_gateways_alive",
+                                    "Gateways heard from within the heartbeat deadline",
+                                    registry=registry)
+        self.events = Counter("rtgate_presence_events", "Presence events published",
+                              ["type"], registry=registry)
+        self.failovers = Counter("rtgate_presence_failovers",
+                                 "Times this process took over from another presence service",
+                                 registry=registry)
+        self.active = Gauge("rtgate_presence_active",
+                            "1 while this process is the active presence service",
+                            registry=registry)
+        self.syncs = Counter("rtgate_presence_syncs",
+                             "Full states received from gateways", registry=registry)
+        for kind in ("user:online", "user:offline", "room:user_joined", "room:user_left"):
+            self.events.labels(kind)
+
+    def show(self, state: PresenceState | None) -> None:
+        c = state.counters() if state is not None else None
+        self.users_online.set(c.users_online if c else 0)
+        self.connections.set(c.connections if c else 0)
+        self.rooms.set(c.rooms if c else 0)
+        self.gateways_alive.set(c.gateways_alive if c else 0)
+
+
+class PresenceService:
+    def __init__(self, nc: Nats, settings: PresenceSettings, holder: str,
+                 registry: CollectorRegistry, replicas: int = 1, timeout: float = 2.0) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._replicas = replicas
+        self._timeout = timeout
+        self._holder = holder
+        self._config = PresenceConfig(grace_seconds=settings.grace_seconds,
+                                      heartbeat_seconds=settings.heartbeat_seconds,
+                                      missed_heartbeats=settings.missed_heartbeats)
+        self.metrics = PresenceMetrics(registry)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # While active:
+        self.state: PresenceState | None = None
+        self.revision = 0
+        self.answering = False
+        self._quiet_until = 0.0
+        self._dirty = False
+        self._journal: Journal | None = None
+        # One input at a time, journaled then applied then announced, so the
+        # journal's order is the order the state saw.
+        self._lock = asyncio.Lock()
+        self._fenced = False
+        self._subs: list[Subscription] = []
+        # gateway -> (sync id, parts expected, parts so far, started at)
+        self._syncs: dict[str, tuple[str, int, dict[int, wire.SyncPart], float]] = {}
+        # Another holder was seen: the next acquisition is a takeover.
+        self._other_seen = False
+
+    @property
+    def active(self) -> bool:
+        return self.state is not None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Save the state, hand the lease over and stop (a standby takes over at once)."""
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("presence service did not stop in time")
+
+    async def _sleep(self, delay: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+        return not self._stop.is_set()
+
+    # -- leadership ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        lease = Lease(self._nc, LEASE_KEY, self._holder, self._settings.lease_ttl_seconds)
+        while not self._stop.is_set():
+            try:
+                holder = await lease.try_acquire()
+            except Exception as exc:
+                log.warning("presence lease unavailable", error=repr(exc))
+                await self._sleep(1)
+                continue
+            if holder is not None:
+                if not self._other_seen:
+                    log.info("presence service on standby", active=holder)
+                self._other_seen = True
+                await self._sleep(0.5)
+                continue
+            try:
+                await self._lead(lease)
+            except Exception as exc:
+                log.error("presence service failed; stepping down", error=repr(exc))
+            finally:
+                clean = self._stop.is_set()
+                await self._step_down(lease, save=clean)
+            if not self._stop.is_set():
+                # Lost the lease or failed: let another replica try first.
+                await self._sleep(lease.ttl)
+
+    async def _lead(self, lease: Lease) -> None:
+        self.revision = lease.token
+        self._fenced = False
+        loop = asyncio.get_running_loop()
+        self._journal = Journal(self._nc, self._replicas, self._timeout)
+        await self._journal.open()
+        saved = await self._load()
+        state, exact = await self._rebuild(saved, self._journal)
+        now = loop.time()
+        if state is not None:
+            self.state = state
+            self._quiet_until = 0.0
+            ready_at = now + self._settings.settle_seconds
+            if not exact:
+                log.warning("presence state rebuilt from an incomplete journal: events of "
+                            "the last moments before the takeover may be announced again")
+        elif self._journal.last_seq == 0:
+            # The first presence service on this NATS: nobody was told anything.
+            self.state = PresenceState(self._config)
+            self._quiet_until = 0.0
+            ready_at = now + self._settings.settle_seconds
+        else:
+            # A service ran before, but neither its save nor its journal is
+            # left: every gateway's state arrives as news that observers were
+            # already told. Stay quiet until every live gateway has had a
+            # heartbeat to notice the empty table and sync.
+            self.state = PresenceState(self._config)
+            ready_at = now + self._settings.heartbeat_seconds + self._settings.settle_seconds
+            self._quiet_until = ready_at
+            log.warning("presence state lost (no save, no journal): rebuilding from the "
+                        "gateways without announcing", quiet_seconds=ready_at - now)
+        took_over = self._other_seen or (saved is not None and saved.get("holder") != self._holder)
+        if took_over:
+            self.metrics.failovers.inc()
+        self._other_seen = False
+        # Fences the journal: a former service's next append fails.
+        await self._journal.append(journal.encode(now, "takeover", self._holder))
+        self.metrics.active.set(1)
+        log.info("presence service active", revision=self.revision, restored=saved is not None,
+                 took_over=took_over, exact=exact)
+        self._subs.append(await self._nc.subscribe(subjects.PRESENCE_PREFIX + ">",
+                                                   cb=self._on_report))
+        await self._nc.publish(subjects.PRESENCE_SYNC_SUBJECT,
+                               wire.encode_sync_request(self.revision, "takeover"),
+                               headers=self._fence())
+        await self._nc.flush(timeout=2)
+        self._dirty = True
+        renew_every = lease.ttl / 3
+        renewed_at = saved_at = now
+        while await self._sleep(TICK_SECONDS):
+            if self._fenced:
+                log.error("presence journal written by another service: stepping down")
+                return
+            now = loop.time()
+            if not self.answering and now >= ready_at:
+                self._subs.append(await self._nc.subscribe(
+                    subjects.PRESENCE_API_SUBJECT, queue=subjects.PRESENCE_API_QUEUE,
+                    cb=self._on_query))
+                self.answering = True
+                log.info("presence service answering queries")
+            await self._tick()
+            self.metrics.show(self.state)
+            self._expire_syncs(now)
+            if now - renewed_at >= renew_every:
+                if not await lease.renew():
+                    log.error("presence lease lost: another service is active now")
+                    return
+                renewed_at = now
+            if self._dirty and now - saved_at >= self._settings.snapshot_interval_seconds:
+                await self._save()
+                saved_at = now
+
+    async def _rebuild(self, saved: dict[str, Any] | None, log_: Journal
+                       ) -> tuple[PresenceState | None, bool]:
+        """The last service's state: its save, then its journal replayed with its own
+        clock readings. ``exact`` is False when the journal could not be read whole."""
+        after = 0
+        state: PresenceState | None = None
+        clock = 0.0
+        if saved is not None:
+            clock = float(saved.get("clock", 0.0))
+            state = PresenceState.restore(saved["state"], clock, self._config)
+            after = int(saved.get("journalSeq", 0))
+        try:
+            entries = await log_.after(after)
+        except (JournalGap, ReadError) as exc:
+            log.warning("presence journal unreadable", error=str(exc))
+            entries = None
+        if entries:
+            if state is None:
+                state = PresenceState(self._config)
+            for entry in entries:
+                try:
+                    self._apply(state, entry.kind, entry.gateway, entry.report, entry.now)
+                except wire.WireError as exc:
+                    log.warning("bad presence journal entry skipped", seq=entry.seq,
+                                error=str(exc))
+                clock = entry.now
+            self._syncs.clear()
+        if state is None:
+            return None, entries is not None
+        # Into this process's clock: deadlines keep what remained of them.
+        now = asyncio.get_running_loop().time()
+        return PresenceState.restore(state.snapshot(clock), now, self._config), \
+            entries is not None
+
+    async def _step_down(self, lease: Lease, save: bool) -> None:
+        self.answering = False
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if save and self.state is not None and not lease.lost and not self._fenced:
+            await self._save()
+        self.state = None
+        self._journal = None
+        self._syncs.clear()
+        self.metrics.active.set(0)
+        self.metrics.show(None)
+        if not lease.lost:
+            await lease.release()
+
+    # -- snapshot ------------------------------------------------------------
+
+    async def _load(self) -> dict[str, Any] | None:
+        js = self._nc.jetstream()
+        try:
+            store = await js.object_store(SNAPSHOT_BUCKET)
+            result = await store.get(SNAPSHOT_OBJECT)
+        except Exception as exc:  # no bucket or no object yet: a first start
+            log.info("no saved presence state", reason=type(exc).__name__)
+            return None
+        try:
+            data: dict[str, Any] = json.loads(result.data or b"")
+            PresenceState.restore(data["state"], 0.0, self._config)
+        except Exception as exc:
+            log.error("saved presence state is unreadable; starting empty", error=repr(exc))
+            return None
+        return data
+
+    async def _save(self) -> None:
+        assert self.state is not None and self._journal is not None
+        # The state and the journal position it covers, taken together.
+        async with self._lock:
+            clock = asyncio.get_running_loop().time()
+            data = self.state.snapshot(clock)
+            seq = self._journal.last_seq
+            self._dirty = False
+        body = json.dumps({"holder": self._holder, "revision": self.revision,
+                           "savedAt": time.time(), "clock": clock, "journalSeq": seq,
+                           "state": data}).encode()
+        js = self._nc.jetstream()
+        try:
+            try:
+                store = await js.object_store(SNAPSHOT_BUCKET)
+            except Exception:
+                store = await js.create_object_store(bucket=SNAPSHOT_BUCKET)
+            await store.put(SNAPSHOT_OBJECT, body)
+        except Exception as exc:
+            self._dirty = True
+            log.warning("could not save presence state", error=repr(exc))
+            return
+        await self._journal.trim(seq)
+
+    # -- reports from gateways -------------------------------------------------
+
+    async def _on_report(self, msg: Msg) -> None:
+        kind, _, token = msg.subject[len(subjects.PRESENCE_PREFIX):].partition(".")
+        try:
+            gateway = subjects.decode_token(token)
+            report = wire.parse(msg.data)
+            wire.decode(kind, report)  # checked before it is journaled
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("malformed presence report dropped", subject=msg.subject[:200],
+                        error=str(exc))
+            return
+        await self._input(kind, gateway, msg.data, report)
+
+    async def _tick(self) -> None:
+        await self._input("tick", "")
+
+    async def _input(self, kind: str, gateway: str, raw: bytes = b"null",
+                     report: Any = None) -> None:
+        """Journal one input, apply it, announce what it caused: in that order."""
+        async with self._lock:
+            state, log_ = self.state, self._journal
+            if state is None or log_ is None or self._fenced:
+                return
+            now = asyncio.get_running_loop().time()
+            if kind == "tick":
+                # Most ticks change nothing; journal only those that do, after
+                # the fact (the lock keeps every other input out meanwhile).
+                events, needs_sync = state.tick(now), False
+                if not events:
+                    return
+                if not await self._append(log_, journal.encode(now, kind, gateway)):
+                    return
+            else:
+                if not await self._append(log_, journal.encode(now, kind, gateway, raw)):
+                    return
+                events, needs_sync = self._apply(state, kind, gateway, report, now)
+            self._dirty = True
+            if needs_sync:
+                await self._nc.publish(subjects.presence_sync_subject(gateway),
+                                       wire.encode_sync_request(self.revision, "digest"),
+                                       headers=self._fence())
+            await self._emit(events)
+
+    async def _append(self, log_: Journal, entry: bytes) -> bool:
+        """False when another service wrote the journal: this one must stop."""
+        try:
+            await log_.append(entry)
+        except Fenced:
+            self._fenced = True
+            return False
+        except Exception as exc:
+            # JetStream refused the write: keep serving; the next save covers
+            # this input, and until then a takeover may repeat its events.
+            log.warning("presence journal append failed", error=repr(exc))
+        return True
+
+    def _apply(self, state: PresenceState, kind: str, gateway: str, report: Any,
+               now: float) -> tuple[list[PresenceEvent], bool]:
+        """One input to the state machine: its events, and whether to ask for a sync."""
+        if kind == "tick":
+            return state.tick(now), False
+        if kind == "takeover":
+            return [], False
+        decoded = wire.decode(kind, report)
+        if isinstance(decoded, wire.SyncPart):
+            return self._on_sync_part(state, gateway, decoded, now), False
+        # Parts of one sync arrive back to back: anything else from the gateway
+        # means the rest were lost.
+        self._syncs.pop(gateway, None)
+        if isinstance(decoded, str):
+            return state.heartbeat(gateway, decoded, now)
+        return self._on_changes(state, gateway, decoded, now), False
+
+    def _on_changes(self, state: PresenceState, gateway: str, changes: list[wire.Change],
+                    now: float) -> list[PresenceEvent]:
+        events: list[PresenceEvent] = []
+        for c in changes:
+            if c.kind == "connect":
+                events += state.connect(gateway, c.conn, c.user, c.username, now)
+            elif c.kind == "disconnect":
+                events += state.disconnect(gateway, c.conn, now)
+            elif c.kind == "join":
+                events += state.join(gateway, c.conn, c.room, now)
+            else:
+                events += state.leave(gateway, c.conn, c.room, now)
+        return events
+
+    def _on_sync_part(self, state: PresenceState, gateway: str, part: wire.SyncPart,
+                      now: float) -> list[PresenceEvent]:
+        pending = self._syncs.get(gateway)
+        if pending is None or pending[0] != part.sync_id:
+            pending = (part.sync_id, part.parts, {}, now)
+            self._syncs[gateway] = pending
+        pending[2][part.part] = part
+        if len(pending[2]) < part.parts:
+            return []
+        del self._syncs[gateway]
+        full: dict[str, tuple[str, str, list[str]]] = {}
+        for p in pending[2].values():
+            full.update(p.connections)
+        self.metrics.syncs.inc()
+        log.info("presence sync", gateway=gateway, connections=len(full))
+        return state.sync(gateway, full, now)
+
+    def _expire_syncs(self, now: float) -> None:
+        for gateway, (_, _, _, started) in list(self._syncs.items()):
+            if now - started > SYNC_ASSEMBLY_SECONDS:
+                log.warning("incomplete presence sync dropped", gateway=gateway)
+                del self._syncs[gateway]
+
+    # -- events out ------------------------------------------------------------
+
+    def _fence(self) -> dict[str, str]:
+        return {subjects.HDR_PRESENCE_REVISION: str(self.revision)}
+
+    async def _emit(self, events: list[PresenceEvent]) -> None:
+        if not events:
+            return
+        if asyncio.get_running_loop().time() < self._quiet_until:
+            return
+        fence = str(self.revision)
+        for event in events:
+            body = json.dumps(wire.event_frame(event)).encode()
+            if isinstance(event, RoomUserJoined | RoomUserLeft):
+                await self._nc.publish(
+                    subjects.live_room_subject(event.room), body,
+                    headers={subjects.HDR_PRESENCE_REVISION: fence,
+                             subjects.HDR_PRESENCE_USER: event.user})
+            else:
+                await self._nc.publish(subjects.live_presence_user_subject(event.user), body,
+                                       headers={subjects.HDR_PRESENCE_REVISION: fence})
+            self.metrics.events.labels(event.kind).inc()
+
+    # -- queries ---------------------------------------------------------------
+
+    async def _on_query(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            reply = self.answer(json.loads(msg.data))
+        except QueryError as exc:
+            reply = {"error": {"code": exc.code, "message": str(exc)}}
+        except ValueError:
+            reply = {"error": {"code": "bad_request", "message": "a query must be JSON"}}
+        await self._nc.publish(msg.reply, json.dumps(reply).encode(), headers=self._fence())
+
+    def answer(self, query: Any) -> dict[str, Any]:
+        """One query (docs/nats.md): ``room``, ``users`` or ``user``."""
+        state = self.state
+        if state is None:
+            raise QueryError("unavailable", "presence service is not active")
+        if not isinstance(query, dict):
+            raise QueryError("bad_request", "a query must be a JSON object")
+        op = query.get("op")
+        if op == "room":
+            room = _query_str(query, "roomId")
+            cursor = query.get("cursor")
+            if cursor is not None and not isinstance(cursor, str):
+                raise QueryError("bad_request", "cursor must be a string")
+            limit = query.get("limit", MAX_PAGE)
+            if not isinstance(limit, int) or isinstance(limit, bool) or \
+                    not 1 <= limit <= MAX_PAGE:
+                raise QueryError("bad_request", f"limit must be 1 to {MAX_PAGE}")
+            page = state.room_members(room, after=cursor or None, limit=limit + 1)
+            out: dict[str, Any] = {
+                "members": [{"userId": m.user, "username": m.username,
+                             "socketCount": m.socket_count} for m in page[:limit]],
+                "count": state.room_count(room),
+            }
+            if len(page) > limit:
+                out["cursor"] = page[limit - 1].user
+            return out
+        if op == "users":
+            users = query.get("userIds")
+            if not isinstance(users, list) or not all(isinstance(u, str) for u in users) \
+                    or len(users) > MAX_QUERY_USERS:
+                raise QueryError("bad_request",
+                                 f"userIds must be a list of at most {MAX_QUERY_USERS} strings")
+            asker = query.get("asker")
+            hidden: list[str] = []
+            if isinstance(asker, str):
+                hidden = [u for u in users if u != asker and not state.shares_room(asker, u)]
+            return {"online": {u: state.is_online(u) for u in users if u not in hidden},
+                    "hidden": hidden}
+        if op == "user":
+            user = _query_str(query, "userId")
+            return {"userId": user, "online": state.is_online(user),
+                    "username": state.username(user) if state.is_online(user) else None,
+                    "socketCount": state.socket_count(user),
+                    "rooms": sorted(state.rooms_of(user))}
+        raise QueryError("bad_request", "op must be room, users or user")
+
+
+class QueryError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _query_str(query: dict[str, Any], key: str) -> str:
+    value = query.get(key)
+    if not isinstance(value, str) or not value:
+        raise QueryError("bad_request", f"'{key}' must be a non-empty string")
+    return value

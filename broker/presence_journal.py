@@ -1,0 +1,120 @@
+"""The presence service's journal: every input, in order, before its events go out.
+
+The active presence service appends each report it applies (and each tick
+that changed something) to a JetStream stream, waits for the append to be
+stored, and only then publishes the resulting events. A service taking over
+restores the last snapshot and replays the journal after it, with the old
+service's clock readings, so it knows exactly what was announced, up to the
+last input, and announces nothing twice.
+
+Appends carry the sequence the writer expects to be the stream's last. A new
+active service appends a takeover mark first, so a former one that has not
+noticed it lost the lease fails its next append (``Fenced``) and stops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as Nats
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, NotFoundError
+
+from broker import jsread
+
+log = structlog.get_logger("rtgate.presence")
+
+STREAM = "RT_PRESENCE_LOG"
+SUBJECT = "rt.presence-journal"
+# A journal is trimmed at every snapshot; these bound it if snapshots fail.
+MAX_AGE_SECONDS = 3600.0
+MAX_BYTES = 256 * 1024 * 1024
+_PAGE = 1000
+# JetStream's error code for a wrong Nats-Expected-Last-Sequence.
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class Fenced(Exception):
+    """Someone else appended to the journal: another service is active now."""
+
+
+class JournalGap(Exception):
+    """Entries after the snapshot are gone (aged out): the journal cannot be replayed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    now: float
+    kind: str  # a report kind (events, heartbeat, sync), "tick" or "takeover"
+    gateway: str
+    report: Any
+
+
+def encode(now: float, kind: str, gateway: str, report: bytes = b"null") -> bytes:
+    """``report`` is the gateway's JSON message as received: embedded, not re-encoded."""
+    head = json.dumps({"now": now, "kind": kind, "gateway": gateway})
+    return head[:-1].encode() + b', "report": ' + report + b"}"
+
+
+class Journal:
+    def __init__(self, nc: Nats, replicas: int, timeout: float) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=timeout)
+        self._replicas = replicas
+        self._timeout = timeout
+        # The stream's last sequence as this writer knows it.
+        self.last_seq = 0
+
+    async def open(self) -> None:
+        config = StreamConfig(
+            name=STREAM, subjects=[SUBJECT], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=MAX_AGE_SECONDS,
+            max_bytes=MAX_BYTES, num_replicas=self._replicas, allow_direct=True)
+        try:
+            info = await self._js.stream_info(STREAM)
+        except NotFoundError:
+            try:
+                info = await self._js.add_stream(config)
+            except APIError:
+                info = await self._js.stream_info(STREAM)  # created meanwhile
+        self.last_seq = int(info.state.last_seq)
+
+    async def append(self, entry: bytes) -> int:
+        """Store one entry; ``Fenced`` if the stream moved on without us."""
+        try:
+            ack = await self._js.publish(
+                SUBJECT, entry, stream=STREAM,
+                headers={"Nats-Expected-Last-Sequence": str(self.last_seq)})
+        except APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise Fenced(str(exc)) from None
+            raise
+        self.last_seq = ack.seq
+        return ack.seq
+
+    async def after(self, seq: int) -> list[Entry]:
+        """Every entry after ``seq``, in order; ``JournalGap`` if some are gone."""
+        first = await jsread.first_seq(self._nc, STREAM, self._timeout)
+        if first > seq + 1 and self.last_seq > seq:
+            raise JournalGap(f"journal starts at {first}, the snapshot ends at {seq}")
+        out: list[Entry] = []
+        while True:
+            page = await jsread.run_of(self._nc, STREAM, SUBJECT, seq, _PAGE, self._timeout)
+            for stored in page:
+                e = stored.event
+                out.append(Entry(stored.seq, float(e["now"]), str(e["kind"]),
+                                 str(e["gateway"]), e.get("report")))
+            if len(page) < _PAGE:
+                return out
+            seq = page[-1].seq
+
+    async def trim(self, upto: int) -> None:
+        """Forget entries up to ``upto`` (a snapshot covers them)."""
+        try:
+            await self._js.purge_stream(STREAM, seq=upto + 1)
+        except Exception as exc:
+            log.warning("presence journal trim failed", error=repr(exc))

@@ -1,0 +1,312 @@
+"""The gateway's side of presence: report, watch, ask, fence.
+
+* Report: every authenticated connection and room membership is mirrored
+  here and sent to the presence service as batched changes, with a heartbeat
+  that carries a digest of the mirror, and the whole mirror when the service
+  asks for it (it does when the digests differ or when it takes over). One
+  task publishes all of it, so the service sees this gateway's reports in the
+  order they happened, and a heartbeat's digest always covers exactly the
+  changes sent before it.
+* Watch: ``presence:subscribe`` registers a connection as a watcher of users;
+  ``user:online``/``user:offline`` arrive on one wildcard subscription per
+  gateway and go to the local watchers only.
+* Ask: queries go to the service by request/reply; no answer is
+  ``unavailable``, never an empty list.
+* Fence: everything the service publishes carries its lease revision; events
+  older than the newest revision seen here are dropped, so a former active
+  service that has not noticed its takeover cannot speak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker import presence_wire as wire
+from broker import subjects
+from broker.background import Background
+from broker.presence_state import GatewayDigest
+from broker.settings import PresenceSettings
+from gateway.errors import ErrorCode, ProtocolError, raise_for_reply
+from gateway.publisher import unavailable
+
+if TYPE_CHECKING:
+    from gateway.client import Client
+
+log = structlog.get_logger("rtgate.presence")
+
+# Changes per message; a burst (a drain, a reconnect wave) goes out in chunks.
+_BATCH = 500
+
+
+@dataclasses.dataclass(slots=True)
+class _Reported:
+    user: str
+    username: str
+    rooms: set[str] = dataclasses.field(default_factory=set)
+
+
+class PresenceLink:
+    def __init__(self, gateway_id: str, settings: PresenceSettings, request_timeout: float,
+                 background: Background,
+                 deliver: Callable[[set[Client], dict[str, Any]], None],
+                 on_fenced: Callable[[], None] | None = None) -> None:
+        self._gateway = gateway_id
+        self._settings = settings
+        self._timeout = request_timeout
+        self._background = background
+        self._deliver = deliver
+        self._on_fenced = on_fenced
+        self._nc: Nats | None = None
+        self._mirror: dict[str, _Reported] = {}
+        self._digest = GatewayDigest()
+        self._queue: list[wire.Change] = []
+        self._wake = asyncio.Event()
+        # A gateway (re)starting under an id the service knows replaces what
+        # it knew at once, instead of at the first heartbeat.
+        self._sync_wanted = True
+        self._watchers: dict[str, set[Client]] = {}
+        self._subs: list[Subscription] = []
+        # The newest fencing token seen.
+        self.revision = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings.enabled
+
+    async def start(self, nc: Nats) -> None:
+        self._nc = nc
+        if not self.enabled:
+            return
+        prefix = len(subjects.LIVE_PRESENCE_USER_PREFIX)
+        watchers = self._watchers
+
+        async def on_user_event(msg: Msg) -> None:
+            if not self.accept(msg):
+                return
+            try:
+                targets = watchers.get(subjects.decode_token(msg.subject[prefix:]))
+            except (ValueError, UnicodeDecodeError):
+                return
+            if not targets:
+                return
+            try:
+                event = json.loads(msg.data)
+            except ValueError:
+                log.warning("malformed presence event", subject=msg.subject[:200])
+                return
+            self._deliver(targets, event)
+
+        async def on_sync_request(msg: Msg) -> None:
+            if self.accept(msg):
+                self._sync_wanted = True
+                self._wake.set()
+
+        self._subs = [
+            await nc.subscribe(subjects.LIVE_PRESENCE_USER_PREFIX + "*", cb=on_user_event),
+            await nc.subscribe(subjects.PRESENCE_SYNC_SUBJECT, cb=on_sync_request),
+            await nc.subscribe(subjects.presence_sync_subject(self._gateway),
+                               cb=on_sync_request),
+        ]
+        self._background.spawn(self._report())
+
+    # -- fencing -------------------------------------------------------------
+
+    def accept(self, msg: Msg) -> bool:
+        """False for a message from a presence service older than one already heard."""
+        headers = msg.headers
+        raw = headers.get(subjects.HDR_PRESENCE_REVISION) if headers else None
+        return raw is None or self.accept_revision(raw)
+
+    def accept_revision(self, raw: str) -> bool:
+        try:
+            revision = int(raw)
+        except ValueError:
+            return False
+        if revision < self.revision:
+            if self._on_fenced is not None:
+                self._on_fenced()
+            return False
+        self.revision = revision
+        return True
+
+    # -- reporting (called by the hub; never awaits) ---------------------------
+
+    def connected(self, conn: str, user: str, username: str) -> None:
+        known = self._mirror.get(conn)
+        if known is not None:
+            if known.user == user and known.username == username:
+                return
+            self._digest.remove_connection(conn, known.user, known.username)
+            known.user, known.username = user, username
+        else:
+            self._mirror[conn] = _Reported(user, username)
+        self._digest.add_connection(conn, user, username)
+        self._push(wire.Change("connect", conn, user, username))
+
+    def disconnected(self, conn: str) -> None:
+        known = self._mirror.pop(conn, None)
+        if known is None:
+            return
+        for room in known.rooms:
+            self._digest.remove_room(conn, room)
+        self._digest.remove_connection(conn, known.user, known.username)
+        self._push(wire.Change("disconnect", conn, known.user, known.username))
+
+    def joined(self, conn: str, room: str) -> None:
+        known = self._mirror.get(conn)
+        if known is None or room in known.rooms:
+            return
+        known.rooms.add(room)
+        self._digest.add_room(conn, room)
+        self._push(wire.Change("join", conn, known.user, known.username, room))
+
+    def left(self, conn: str, room: str) -> None:
+        known = self._mirror.get(conn)
+        if known is None or room not in known.rooms:
+            return
+        known.rooms.discard(room)
+        self._digest.remove_room(conn, room)
+        self._push(wire.Change("leave", conn, known.user, known.username, room))
+
+    def _push(self, change: wire.Change) -> None:
+        if not self.enabled:
+            return
+        self._queue.append(change)
+        self._wake.set()
+
+    async def _report(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._settings.heartbeat_seconds
+        next_beat = loop.time()
+        while not self._background.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - loop.time()))
+            self._wake.clear()
+            if self._background.stopping:
+                return
+            try:
+                await self._send_pending()
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + interval
+                    assert self._nc is not None
+                    await self._nc.publish(
+                        subjects.presence_subject("heartbeat", self._gateway),
+                        wire.encode_heartbeat(self._gateway, self._digest.value,
+                                              len(self._mirror), interval))
+            except Exception as exc:
+                # Whatever did not go out, the service learns from the digest.
+                log.warning("presence report failed", error=repr(exc))
+                self._queue.clear()
+                await self._background.sleep(1)
+
+    async def _send_pending(self) -> None:
+        nc = self._nc
+        assert nc is not None
+        if self._sync_wanted:
+            self._sync_wanted = False
+            # The full state replaces every change not yet sent.
+            self._queue.clear()
+            state = {conn: (r.user, r.username, r.rooms) for conn, r in self._mirror.items()}
+            subject = subjects.presence_subject("sync", self._gateway)
+            for part in wire.encode_sync(self._gateway, state):
+                await nc.publish(subject, part)
+        subject = subjects.presence_subject("events", self._gateway)
+        while self._queue:
+            batch = self._queue[:_BATCH]
+            del self._queue[:_BATCH]
+            await nc.publish(subject, wire.encode_changes(self._gateway, batch))
+
+    # -- watching ------------------------------------------------------------
+
+    def watch(self, client: Client, users: list[str]) -> None:
+        watching = client.watching
+        if watching is None:
+            watching = client.watching = set()
+        for user in users:
+            watching.add(user)
+            self._watchers.setdefault(user, set()).add(client)
+
+    def unwatch(self, client: Client, users: list[str] | None = None) -> None:
+        """Stop watching ``users`` (all when None)."""
+        watching = client.watching
+        if not watching:
+            return
+        for user in list(watching) if users is None else users:
+            watching.discard(user)
+            clients = self._watchers.get(user)
+            if clients is not None:
+                clients.discard(client)
+                if not clients:
+                    del self._watchers[user]
+        if not watching:
+            client.watching = None
+
+    # -- queries -------------------------------------------------------------
+
+    async def ask(self, query: dict[str, Any]) -> dict[str, Any]:
+        """One query to the presence service; ProtocolError when it cannot answer."""
+        nc = self._nc
+        if not self.enabled:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "presence is disabled on this gateway")
+        if nc is None or not nc.is_connected:
+            raise unavailable()
+        try:
+            msg = await nc.request(subjects.PRESENCE_API_SUBJECT, json.dumps(query).encode(),
+                                   timeout=self._timeout)
+        except Exception as exc:  # timeout, no responders: no active presence service
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                "presence is unavailable right now (no presence service "
+                                "answered)") from exc
+        if not self.accept(msg):
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                "presence is unavailable right now (a replaced service "
+                                "answered)")
+        try:
+            reply: dict[str, Any] = json.loads(msg.data)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, "malformed presence reply") from exc
+        raise_for_reply(reply, "presence query")
+        return reply
+
+    async def room_page(self, room: str, cursor: str | None, limit: int) -> dict[str, Any]:
+        """``{roomId, members, count, cursor?}``: a page of a room's members."""
+        query: dict[str, Any] = {"op": "room", "roomId": room, "limit": limit}
+        if cursor is not None:
+            query["cursor"] = cursor
+        reply = await self.ask(query)
+        page = {"roomId": room, "members": reply.get("members", []),
+                "count": reply.get("count", 0)}
+        if reply.get("cursor"):
+            page["cursor"] = reply["cursor"]
+        return page
+
+    async def visible(self, asker: str, users: list[str], policy: str) -> dict[str, bool]:
+        """Who of ``users`` is online; ``forbidden`` if the policy hides any of them."""
+        query: dict[str, Any] = {"op": "users", "userIds": users}
+        if policy == "shared-rooms":
+            query["asker"] = asker
+        reply = await self.ask(query)
+        hidden = reply.get("hidden") or []
+        if hidden:
+            shown = ", ".join(str(u)[:64] for u in hidden[:5])
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"you share no room with: {shown}"
+                                + (" ..." if len(hidden) > 5 else ""))
+        online: dict[str, bool] = reply.get("online", {})
+        return online
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()

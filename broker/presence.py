@@ -249,9 +249,14 @@ class PresenceService:
         state: PresenceState | None = None
         clock = 0.0
         if saved is not None:
-            clock = float(saved.get("clock", 0.0))
-            state = PresenceState.restore(saved["state"], clock, self._config)
-            after = int(saved.get("journalSeq", 0))
+            try:
+                clock = float(saved.get("clock", 0.0))
+                state = PresenceState.restore(saved["state"], clock, self._config)
+                after = int(saved.get("journalSeq", 0))
+            except Exception as exc:
+                log.error("saved presence state is unreadable; starting without it",
+                          error=repr(exc))
+                state, clock, after = None, 0.0, 0
         try:
             entries = await log_.after(after)
         except (JournalGap, ReadError) as exc:
@@ -271,9 +276,8 @@ class PresenceService:
         if state is None:
             return None, entries is not None
         # Into this process's clock: deadlines keep what remained of them.
-        now = asyncio.get_running_loop().time()
-        return PresenceState.restore(state.snapshot(clock), now, self._config), \
-            entries is not None
+        state.rebase(asyncio.get_running_loop().time(), clock)
+        return state, entries is not None
 
     async def _step_down(self, lease: Lease, save: bool) -> None:
         self.answering = False
@@ -303,9 +307,9 @@ class PresenceService:
             return None
         try:
             data: dict[str, Any] = json.loads(result.data or b"")
-            PresenceState.restore(data["state"], 0.0, self._config)
-        except Exception as exc:
-            log.error("saved presence state is unreadable; starting empty", error=repr(exc))
+        except ValueError as exc:
+            log.error("saved presence state is unreadable; starting without it",
+                      error=repr(exc))
             return None
         return data
 
@@ -359,13 +363,17 @@ class PresenceService:
                 return
             now = asyncio.get_running_loop().time()
             if kind == "tick":
-                # Most ticks change nothing; journal only those that do, after
-                # the fact (the lock keeps every other input out meanwhile).
-                events, needs_sync = state.tick(now), False
-                if not events:
+                # Most ticks change nothing; only those that do are journaled.
+                if not state.tick_due(now):
                     return
                 if not await self._append(log_, journal.encode(now, kind, gateway)):
                     return
+                alive = state.alive_gateways()
+                events, needs_sync = state.tick(now), False
+                dead = alive - state.alive_gateways()
+                if dead:
+                    log.warning("gateways declared dead: no heartbeat",
+                                gateways=sorted(dead), silent_for=self._config.dead_after)
             else:
                 if not await self._append(log_, journal.encode(now, kind, gateway, raw)):
                     return

@@ -390,6 +390,21 @@ class PresenceState:
             self._detach(gw, conn, c, now, events, graceful=True)
         return events
 
+    def tick_due(self, now: float) -> bool:
+        """Whether ``tick(now)`` would change anything: a gateway to declare dead or
+        to forget, or a grace deadline reached. Cheap: a journal records only the
+        ticks that matter."""
+        if self._deadlines and self._deadlines[0][0] <= now:
+            return True
+        dead_after = self.config.dead_after
+        for gw in self._gateways.values():
+            if gw.dead_since is None:
+                if now - gw.last_seen > dead_after:
+                    return True
+            elif now - max(gw.dead_since, gw.last_seen) > self.config.tombstone_seconds:
+                return True
+        return False
+
     def tick(self, now: float) -> list[PresenceEvent]:
         """Declare silent gateways dead, forget old tombstones, and announce what
         grace no longer covers. Call it often (every second or faster): a deadline
@@ -485,6 +500,9 @@ class PresenceState:
         return {conn: ConnectionInfo(c.user, c.username, frozenset(c.rooms))
                 for conn, c in gw.conns.items()}
 
+    def alive_gateways(self) -> set[str]:
+        return {name for name, gw in self._gateways.items() if gw.dead_since is None}
+
     def gateway_alive(self, gateway: str) -> bool:
         gw = self._gateways.get(gateway)
         return gw is not None and gw.dead_since is None
@@ -558,6 +576,26 @@ class PresenceState:
                 u.offline_at = max(u.pending_rooms.values(), default=now)
                 heapq.heappush(state._deadlines, (u.offline_at, _USER, user, ""))
         return state
+
+    def rebase(self, now: float, clock: float) -> None:
+        """Move to another clock: ``clock`` on the old one is ``now`` on the new.
+
+        What remained of each deadline at ``clock`` remains at ``now``, and every
+        gateway gets a fresh liveness period (as ``restore`` does): nobody heard
+        their heartbeats in between. The state is otherwise unchanged."""
+        delta = now - clock
+        for gw in self._gateways.values():
+            gw.last_seen = now
+            if gw.dead_since is not None:
+                gw.dead_since += delta
+        for u in self._users.values():
+            if u.offline_at is not None:
+                u.offline_at += delta
+            for room in u.pending_rooms:
+                u.pending_rooms[room] += delta
+        # A uniform shift keeps the heap order.
+        self._deadlines = [(at + delta, kind, user, room)
+                           for at, kind, user, room in self._deadlines]
 
     # -- internals -------------------------------------------------------------
 

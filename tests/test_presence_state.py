@@ -404,6 +404,21 @@ def test_snapshot_restore_continues_seamlessly() -> None:
         PresenceState.restore({**data, "version": 99}, 0.0)
 
 
+def test_rebase_moves_deadlines_to_another_clock() -> None:
+    p = state(grace_seconds=5)
+    connect(p, "g1", "c1", "pia", T0, "r1")
+    connect(p, "g1", "c2", "quin", T0, "r1")
+    p.disconnect("g1", "c2", T0 + 1)          # quin in grace until T0+6
+    assert not p.tick_due(T0 + 5.9) and p.tick_due(T0 + 6)
+    p.rebase(1000.0, T0 + 2)                  # T0+2 on the old clock is 1000 on the new
+    assert not p.tick_due(1003.9)
+    assert p.tick(1003.9) == []
+    assert p.tick(1004) == [left("r1", "quin"), offline("quin")]
+    # Liveness restarts at the rebase: 3 heartbeats of 5 s from 1000.
+    assert p.tick(1015) == [] and p.gateway_alive("g1")
+    assert p.tick_due(1015.01)
+
+
 def test_config_validation() -> None:
     assert PresenceConfig().dead_after == 15
     for bad in ({"grace_seconds": -1}, {"heartbeat_seconds": 0},
@@ -643,7 +658,11 @@ class Harness:
                     self.known[g] = {}
             self.last_tick = self.now
 
+        # A journal skips ticks that are not due: they must change nothing.
+        before = None if self.sm.tick_due(self.now) else self.sm.snapshot(self.now)
         self.step("tick", lambda: self.sm.tick(self.now), expire)
+        if before is not None:
+            assert self.sm.snapshot(self.now) == before
 
     def run(self, op: Op) -> None:
         g = op.gateway

@@ -249,7 +249,7 @@ class Client:
         self._schedule_expiry(identity)
         if previous is not None:
             # A refreshed token may carry a new display name.
-            self.node.presence.connected(self.conn_id, identity.user_id, identity.username)
+            self.node.presence.renamed(self, previous.username)
             for room_id in sorted(self.rooms):
                 if not identity.may_join(room_id):
                     self.node.hub.leave(self, room_id)

@@ -194,8 +194,7 @@ class Hub:
     async def authenticated_as(self, client: Client, user_id: str) -> None:
         """A connection proved it is ``user_id``: it now receives that user's direct messages."""
         self.authenticated.add(client)
-        assert client.identity is not None
-        self.presence.connected(client.conn_id, user_id, client.identity.username)
+        self.presence.connected(client)
         token = subjects.encode_token(user_id)
         inbox = self._inboxes.get(token)
         if inbox is None:
@@ -207,12 +206,13 @@ class Hub:
         self.connections.pop(client.conn_id, None)
         if not self.connections:
             self.empty.set()
-        self.authenticated.discard(client)
+        if client in self.authenticated:
+            # One disconnect covers the rooms: the service drops them with it.
+            self.presence.disconnected(client)
+            self.authenticated.discard(client)
         for room_id in list(client.rooms):
             self._rooms.discard(client, room_id)
         client.rooms.clear()
-        # One disconnect covers the rooms: the service drops them with it.
-        self.presence.disconnected(client.conn_id)
         if client.watching is not None:
             self.presence.unwatch(client)
         if client.user_id:
@@ -230,21 +230,25 @@ class Hub:
     # -- rooms ---------------------------------------------------------------
 
     async def join(self, client: Client, room_id: str) -> None:
+        # Reported with the membership, not after the subscription: the
+        # presence report stays what client.rooms holds, so a sync can be read
+        # from it. A failed subscription is reported as a leave right after.
         client.rooms.add(room_id)
+        self.presence.joined(client, room_id)
         try:
             await self._rooms.add(client, room_id)
         except BaseException:
-            client.rooms.discard(room_id)
+            if room_id in client.rooms:
+                client.rooms.discard(room_id)
+                self.presence.left(client, room_id)
             raise
-        if room_id in client.rooms:  # not left or closed while subscribing
-            self.presence.joined(client.conn_id, room_id)
 
     def leave(self, client: Client, room_id: str) -> bool:
         if room_id not in client.rooms:
             return False
         client.rooms.discard(room_id)
         self._rooms.discard(client, room_id)
-        self.presence.left(client.conn_id, room_id)
+        self.presence.left(client, room_id)
         return True
 
     # -- fan-out -------------------------------------------------------------

@@ -80,7 +80,7 @@ class Node:
         self.presence = PresenceLink(
             self.gateway_id, config.presence, config.nats.request_timeout, self.background,
             lambda members, event: self.hub.deliver_event(members, event),
-            self.metrics.presence_fenced.inc)
+            lambda: self.hub.authenticated, self.metrics.presence_fenced.inc)
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """The gateway's side of presence: report, watch, ask, fence.
 
-* Report: every authenticated connection and room membership is mirrored
-  here and sent to the presence service as batched changes, with a heartbeat
-  that carries a digest of the mirror, and the whole mirror when the service
-  asks for it (it does when the digests differ or when it takes over). One
-  task publishes all of it, so the service sees this gateway's reports in the
+* Report: the hub tells this link of every authenticated connection and
+  room membership change; the link sends them to the presence service as
+  batched changes, with a heartbeat that carries a digest of what it
+  reported, and the full state (read from the hub's connections: no copy is
+  kept, it would cost ~0.2 KiB per connection) when the service asks for it
+  (it does when the digests differ or when it takes over). One task
+  publishes all of it, so the service sees this gateway's reports in the
   order they happened, and a heartbeat's digest always covers exactly the
   changes sent before it.
 * Watch: ``presence:subscribe`` registers a connection as a watcher of users;
@@ -21,9 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -48,17 +49,11 @@ log = structlog.get_logger("rtgate.presence")
 _BATCH = 500
 
 
-@dataclasses.dataclass(slots=True)
-class _Reported:
-    user: str
-    username: str
-    rooms: set[str] = dataclasses.field(default_factory=set)
-
-
 class PresenceLink:
     def __init__(self, gateway_id: str, settings: PresenceSettings, request_timeout: float,
                  background: Background,
                  deliver: Callable[[set[Client], dict[str, Any]], None],
+                 clients: Callable[[], Iterable[Client]],
                  on_fenced: Callable[[], None] | None = None) -> None:
         self._gateway = gateway_id
         self._settings = settings
@@ -67,7 +62,9 @@ class PresenceLink:
         self._deliver = deliver
         self._on_fenced = on_fenced
         self._nc: Nats | None = None
-        self._mirror: dict[str, _Reported] = {}
+        # The authenticated connections, with their rooms: what was reported.
+        self._clients = clients
+        self._count = 0
         self._digest = GatewayDigest()
         self._queue: list[wire.Change] = []
         self._wake = asyncio.Event()
@@ -140,43 +137,42 @@ class PresenceLink:
         return True
 
     # -- reporting (called by the hub; never awaits) ---------------------------
+    # The hub calls each exactly once per change: a connection authenticated,
+    # renamed by a refreshed token, closed (before its rooms are dropped); a
+    # room added to or removed from ``client.rooms``.
 
-    def connected(self, conn: str, user: str, username: str) -> None:
-        known = self._mirror.get(conn)
-        if known is not None:
-            if known.user == user and known.username == username:
-                return
-            self._digest.remove_connection(conn, known.user, known.username)
-            known.user, known.username = user, username
-        else:
-            self._mirror[conn] = _Reported(user, username)
-        self._digest.add_connection(conn, user, username)
-        self._push(wire.Change("connect", conn, user, username))
+    def connected(self, client: Client) -> None:
+        user, name = _who(client)
+        self._count += 1
+        self._digest.add_connection(client.conn_id, user, name)
+        self._push(wire.Change("connect", client.conn_id, user, name))
 
-    def disconnected(self, conn: str) -> None:
-        known = self._mirror.pop(conn, None)
-        if known is None:
+    def renamed(self, client: Client, old_username: str) -> None:
+        user, name = _who(client)
+        if name == old_username:
             return
-        for room in known.rooms:
+        self._digest.remove_connection(client.conn_id, user, old_username)
+        self._digest.add_connection(client.conn_id, user, name)
+        self._push(wire.Change("connect", client.conn_id, user, name))
+
+    def disconnected(self, client: Client) -> None:
+        user, name = _who(client)
+        conn = client.conn_id
+        for room in client.rooms:
             self._digest.remove_room(conn, room)
-        self._digest.remove_connection(conn, known.user, known.username)
-        self._push(wire.Change("disconnect", conn, known.user, known.username))
+        self._count -= 1
+        self._digest.remove_connection(conn, user, name)
+        self._push(wire.Change("disconnect", conn, user, name))
 
-    def joined(self, conn: str, room: str) -> None:
-        known = self._mirror.get(conn)
-        if known is None or room in known.rooms:
-            return
-        known.rooms.add(room)
-        self._digest.add_room(conn, room)
-        self._push(wire.Change("join", conn, known.user, known.username, room))
+    def joined(self, client: Client, room: str) -> None:
+        user, name = _who(client)
+        self._digest.add_room(client.conn_id, room)
+        self._push(wire.Change("join", client.conn_id, user, name, room))
 
-    def left(self, conn: str, room: str) -> None:
-        known = self._mirror.get(conn)
-        if known is None or room not in known.rooms:
-            return
-        known.rooms.discard(room)
-        self._digest.remove_room(conn, room)
-        self._push(wire.Change("leave", conn, known.user, known.username, room))
+    def left(self, client: Client, room: str) -> None:
+        user, name = _who(client)
+        self._digest.remove_room(client.conn_id, room)
+        self._push(wire.Change("leave", client.conn_id, user, name, room))
 
     def _push(self, change: wire.Change) -> None:
         if not self.enabled:
@@ -202,7 +198,7 @@ class PresenceLink:
                     await self._nc.publish(
                         subjects.presence_subject("heartbeat", self._gateway),
                         wire.encode_heartbeat(self._gateway, self._digest.value,
-                                              len(self._mirror), interval))
+                                              self._count, interval))
             except Exception as exc:
                 # Whatever did not go out, the service learns from the digest.
                 log.warning("presence report failed", error=repr(exc))
@@ -216,7 +212,7 @@ class PresenceLink:
             self._sync_wanted = False
             # The full state replaces every change not yet sent.
             self._queue.clear()
-            state = {conn: (r.user, r.username, r.rooms) for conn, r in self._mirror.items()}
+            state = {c.conn_id: (*_who(c), c.rooms) for c in self._clients()}
             subject = subjects.presence_subject("sync", self._gateway)
             for part in wire.encode_sync(self._gateway, state):
                 await nc.publish(subject, part)
@@ -310,3 +306,9 @@ class PresenceLink:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+
+
+def _who(client: Client) -> tuple[str, str]:
+    identity = client.identity
+    assert identity is not None, "only authenticated connections are reported"
+    return identity.user_id, identity.username

@@ -16,6 +16,7 @@ from broker.presence_state import (
     digest_of,
 )
 from broker.settings import PresenceSettings
+from gateway.auth import Identity
 from gateway.presence import PresenceLink
 
 
@@ -85,22 +86,44 @@ def test_journal_entries_embed_the_report_as_received() -> None:
     assert json.loads(presence_journal.encode(1.0, "tick", ""))["report"] is None
 
 
-async def test_gateway_mirror_digest_matches_the_state_it_reports() -> None:
-    link = PresenceLink("gw", PresenceSettings(), 1.0, Background(), lambda *_: None)
-    link.connected("c1", "alice", "Alice")
-    link.connected("c2", "bob", "Bob")
-    link.joined("c1", "lobby")
-    link.joined("c1", "lobby")  # twice: once
-    link.joined("c2", "lobby")
-    link.joined("c9", "lobby")  # unknown connection: ignored
-    link.connected("c1", "alice", "Alice A.")  # a refreshed token renames
-    link.left("c2", "lobby")
-    link.left("c2", "lobby")
-    link.connected("c3", "carol", "Carol")
-    link.joined("c3", "x")
-    link.disconnected("c3")
-    expected = {"c1": ("alice", "Alice A.", {"lobby"}), "c2": ("bob", "Bob", set())}
-    assert link._digest.value == digest_of(expected)
-    kinds = [c.kind for c in link._queue]
-    assert kinds == ["connect", "connect", "join", "join", "connect", "leave", "connect",
-                     "join", "disconnect"]
+class _FakeClient:
+    """What the link reads of a connection."""
+
+    def __init__(self, conn: str, user: str, name: str) -> None:
+        self.conn_id = conn
+        self.identity = Identity(user, name, ("*",), ("*",), False, None)
+        self.rooms: set[str] = set()
+
+
+async def test_gateway_digest_matches_the_state_it_would_sync() -> None:
+    clients: dict[str, _FakeClient] = {}
+    link = PresenceLink("gw", PresenceSettings(), 1.0, Background(), lambda *_: None,
+                        lambda: clients.values())  # type: ignore[arg-type, return-value]
+
+    def connect(conn: str, user: str, name: str) -> _FakeClient:
+        c = clients[conn] = _FakeClient(conn, user, name)
+        link.connected(c)  # type: ignore[arg-type]
+        return c
+
+    def join(c: _FakeClient, room: str) -> None:
+        c.rooms.add(room)
+        link.joined(c, room)  # type: ignore[arg-type]
+
+    a, b = connect("c1", "alice", "Alice"), connect("c2", "bob", "Bob")
+    join(a, "lobby")
+    join(b, "lobby")
+    a.identity = Identity("alice", "Alice A.", ("*",), ("*",), False, None)  # refreshed
+    link.renamed(a, "Alice")  # type: ignore[arg-type]
+    link.renamed(a, "Alice A.")  # type: ignore[arg-type]  (no change: nothing)
+    b.rooms.discard("lobby")
+    link.left(b, "lobby")  # type: ignore[arg-type]
+    c = connect("c3", "carol", "Carol")
+    join(c, "x")
+    link.disconnected(c)  # type: ignore[arg-type]
+    del clients["c3"]
+    state = {k: (v.identity.user_id, v.identity.username, v.rooms) for k, v in clients.items()}
+    assert link._digest.value == digest_of(state)
+    assert [ch.kind for ch in link._queue] == [
+        "connect", "connect", "join", "join", "connect", "leave", "connect", "join",
+        "disconnect"]
+    assert link._queue[-1] == presence_wire.Change("disconnect", "c3", "carol", "Carol")

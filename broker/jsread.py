@@ -110,10 +110,15 @@ async def run_of(nc: Client, stream: str, subject: str, after: int, limit: int,
         await sub.unsubscribe()
 
 
-async def first_seq(nc: Client, stream: str, timeout: float) -> int:
-    """The stream's first stored sequence: anything below it is gone (purged or aged out)."""
+async def bounds(nc: Client, stream: str, timeout: float) -> tuple[int, int]:
+    """The stream's first and last sequences: anything below the first is gone
+    (purged or aged out); the last is the stream's high-water mark."""
     try:
         info = await nc.jetstream(timeout=timeout).stream_info(stream)
     except Exception as exc:
         raise ReadError(f"stream info for {stream} failed: {exc!r}") from exc
-    return int(info.state.first_seq)
+    return int(info.state.first_seq), int(info.state.last_seq)
+
+
+async def first_seq(nc: Client, stream: str, timeout: float) -> int:
+    return (await bounds(nc, stream, timeout))[0]

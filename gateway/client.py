@@ -359,7 +359,7 @@ class Client:
             new = await self._join(room_id)
             node = self.node
             try:
-                offset = await node.last_room_offset(room_id)
+                offset = await node.room_position(room_id)
             except ProtocolError:
                 if new:  # a failed re-join keeps the membership it had
                     node.hub.leave(self, room_id)

@@ -178,13 +178,17 @@ class Node:
         raise_for_reply(reply, "history")
         return reply
 
-    async def last_room_offset(self, room_id: str) -> int:
+    async def room_position(self, room_id: str) -> int:
+        """Where a client joining ``room_id`` now stands (see recovery.position_of)."""
         if not self.nats_connected:
             raise unavailable()
+        timeout = self.config.nats.request_timeout
         try:
-            return await jsread.last_seq(self.nc, subjects.ROOMS_STREAM,
-                                         subjects.room_subject(room_id),
-                                         self.config.nats.request_timeout)
+            last = await jsread.last_seq(self.nc, subjects.ROOMS_STREAM,
+                                         subjects.room_subject(room_id), timeout)
+            if last > 0:
+                return last
+            return (await jsread.bounds(self.nc, subjects.ROOMS_STREAM, timeout))[1]
         except jsread.ReadError as exc:
             raise unavailable(f"stream lookup failed: {exc}") from exc
 

@@ -91,12 +91,14 @@ async def replay(client: Client, target: Target, since: Position | None,
     recovered = False
     try:
         last = await jsread.last_seq(nc, target.stream, target.subject, timeout)
-        if since is not None and since.offset > 0 and since.epoch == epoch \
-                and since.offset <= last:
+        first, high = await jsread.bounds(nc, target.stream, timeout)
+        # A position is a stream sequence: the client has everything on this
+        # channel up to it. 0 is "before anything in this epoch" (a channel
+        # that was empty when the client got its position).
+        if since is not None and since.epoch == epoch and since.offset <= high:
             delivered = since.offset
-            first = await jsread.first_seq(nc, target.stream, timeout)
             # Something after the position was purged or aged out: cannot be whole.
-            if since.offset + 1 >= first or last < first:
+            if since.offset + 1 >= first:
                 cap = min(streams.recovery_max_messages, budget.remaining)
                 run = await jsread.run_of(nc, target.stream, target.subject, since.offset,
                                           cap + 1, timeout, min_last_seq=last)
@@ -118,7 +120,15 @@ async def replay(client: Client, target: Target, since: Position | None,
     metrics = node.metrics
     metrics.recoveries.labels("recovered" if recovered else "not_recovered").inc()
     metrics.recovered_messages.inc(replayed)
-    return outcome(recovered, replayed, max(last, delivered), epoch)
+    return outcome(recovered, replayed, max(position_of(last, high), delivered), epoch)
+
+
+def position_of(channel_last: int, stream_last: int) -> int:
+    """The position to hand out for a channel: its newest message, or, when it has
+    none in the stream, the stream's high-water mark, so that whatever arrives
+    later is recognisably after it (0 would mean "from the epoch's start", which
+    a purged stream cannot replay)."""
+    return channel_last if channel_last > 0 else stream_last
 
 
 def _send_run(client: Client, target: Target, run: list[jsread.Stored], after: int,

@@ -120,8 +120,10 @@ async def test_resume_edge_cases(make_gateway: GatewayFactory, connect: ClientFa
     ack = await other.ok("resume", {"rooms": {"a": {"offset": 1, "epoch": "1"},
                                               "b": {"offset": 0, "epoch": epoch}}})
     assert ack["rooms"]["a"]["recovered"] is False  # another epoch
-    assert ack["rooms"]["b"] == {"recovered": False, "missed": 0, "offset": 16, "epoch": epoch}
-    assert other.take("chat:message") == []
+    # Offset 0 of the current epoch: "before anything", so everything is replayed.
+    assert ack["rooms"]["b"] == {"recovered": True, "missed": 8, "offset": 16, "epoch": epoch}
+    assert [f["data"]["content"] for f in other.take("chat:message")] == [
+        str(i) for i in range(8)]
     # Joined all the same.
     assert any(c.user_id == "bob" for c in gw.node.hub.rooms["a"].members)
     # Bad input.
@@ -226,3 +228,27 @@ async def test_client_left_out_of_replay_sees_nothing_twice(
                               ) == "unauthenticated"
     finally:
         await ws.close()
+
+
+async def test_position_of_an_empty_channel_recovers_what_came_after(
+        make_gateway: GatewayFactory, connect: ClientFactory) -> None:
+    """A room joined while empty hands out the stream's high-water mark, not 0: after
+    a purge moved the stream's start, 0 could no longer be replayed whole."""
+    gw = await make_gateway("gw1")
+    bob = await connect(gw, "bob")
+    await bob.ok("room:join", "busy")
+    for i in range(3):
+        await bob.ok("chat:message", {"roomId": "busy", "content": f"elsewhere {i}"})
+    alice = await connect(gw, "alice")
+    joined = await alice.ok("room:join", "quiet")
+    assert joined["offset"] >= 3  # the stream's high-water mark, the room being empty
+    await alice.close()
+    await bob.ok("room:join", "quiet")
+    await bob.ok("chat:message", {"roomId": "quiet", "content": "while you were away"})
+    alice = await connect(gw, "alice")
+    ack = await alice.ok("resume", {"rooms": {"quiet": {"offset": joined["offset"],
+                                                        "epoch": joined["epoch"]}}})
+    assert ack["rooms"]["quiet"]["recovered"] is True and ack["rooms"]["quiet"]["missed"] == 1
+    frame = await alice.next("chat:message")
+    assert frame["data"]["content"] == "while you were away"
+    assert frame["data"]["prevOffset"] == joined["offset"]  # a replay chains from the position

@@ -135,6 +135,16 @@ async def connect() -> AsyncIterator[ClientFactory]:
         await client.close()
 
 
+@pytest.fixture
+def procs(nats_server: NatsServer, tmp_path: Path) -> Iterator[Any]:
+    """Real rtgate processes (tests/procs.py), killed at the end."""
+    from tests.procs import Procs
+
+    p = Procs(nats_server.url, tmp_path)
+    yield p
+    p.stop()
+
+
 async def pair_in_room(make_gateway: GatewayFactory, connect: ClientFactory, room: str = "lobby",
                        **sections: dict[str, Any]) -> tuple[Gateway, Gateway, WsClient, WsClient]:
     """Two gateways; alice on the first and bob on the second, both joined to ``room``."""

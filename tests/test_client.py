@@ -35,7 +35,7 @@ from tests.conftest import (
     token,
     wait_until,
 )
-from tests.test_presence_processes import Procs
+from tests.procs import Procs
 
 API_KEY = "api-key-0123456789"
 FAST = Backoff(base=0.05, cap=0.2)  # real-clock tests: reconnect within a fraction of a second
@@ -351,10 +351,7 @@ async def test_resume_after_a_gateway_is_killed_loses_and_repeats_nothing(
         assert _contents(b_events, "chat:message") == [f"a{i}" for i in range(21)]
         assert _contents(events, "direct:message") == ["hi", "psst"]
     finally:
-        for proc in procs.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        procs.stop()
 
 
 async def test_token_provider_is_asked_again_after_4401(

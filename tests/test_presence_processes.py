@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rtgate.natsserver import NatsServer, env_without_rtgate, free_port
 from tests.conftest import (
     FAST_PRESENCE,
-    SECRET,
     ClientFactory,
     GatewayFactory,
     token,
     wait_until,
 )
-from tests.test_processes import RTGATE, _get, _wait_http
+from tests.procs import Procs
+from tests.test_processes import _get
 from tests.wsclient import WsClient
 
 HEARTBEAT = FAST_PRESENCE["heartbeat_seconds"]
@@ -33,52 +29,6 @@ LEASE_TTL = FAST_PRESENCE["lease_ttl_seconds"]
 # Scheduling slack on a busy 2-core CI machine, on top of every stated bound.
 SLACK = 2.0
 PRESENCE_KINDS = ("user:online", "user:offline", "room:user_joined", "room:user_left")
-
-
-class Procs:
-    def __init__(self, nats_url: str, tmp_path: Path) -> None:
-        self.nats_url = nats_url
-        self.tmp_path = tmp_path
-        self.started: list[subprocess.Popen[str]] = []
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        env = {"RTGATE_NATS__URLS": self.nats_url, "RTGATE_AUTH__SECRET": SECRET,
-               "RTGATE_LOG__FORMAT": "json", "RTGATE_NATS__RECONNECT_TIME_WAIT": "0.2"}
-        env.update({f"RTGATE_PRESENCE__{k.upper()}": str(v) for k, v in FAST_PRESENCE.items()})
-        env.update(extra)
-        return env_without_rtgate(env)
-
-    def broker(self, broker_id: str, persist: bool = True) -> tuple[subprocess.Popen[str], int]:
-        port = free_port()
-        env = self._env(RTGATE_BROKER__ID=broker_id, RTGATE_BROKER__PORT=str(port),
-                        RTGATE_BROKER__STATE_DIR=str(self.tmp_path / broker_id),
-                        RTGATE_BROKER__PERSIST=str(persist).lower())
-        proc = subprocess.Popen([*RTGATE, "broker"], env=env, stderr=subprocess.DEVNULL,
-                                text=True)
-        self.started.append(proc)
-        _wait_http(f"http://127.0.0.1:{port}/readyz")
-        return proc, port
-
-    def gateway(self, gateway_id: str) -> tuple[subprocess.Popen[str], int]:
-        port = free_port()
-        # Every test client comes from 127.0.0.1: no per-address handshake limit.
-        env = self._env(RTGATE_SERVER__ID=gateway_id, RTGATE_SERVER__PORT=str(port),
-                        RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS="0")
-        proc = subprocess.Popen([*RTGATE, "gateway"], env=env, stderr=subprocess.DEVNULL,
-                                text=True)
-        self.started.append(proc)
-        _wait_http(f"http://127.0.0.1:{port}/readyz")
-        return proc, port
-
-
-@pytest.fixture
-def procs(nats_server: NatsServer, tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(nats_server.url, tmp_path)
-    yield p
-    for proc in p.started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _active(port: int) -> bool:

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_runner import GracefulExit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway import admission, api, codec
+from gateway import admission, api, codec, demo, static
 from gateway.api import error_response
 from gateway.auth import AuthError, Identity
 from gateway.client import Client
@@ -39,6 +39,9 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", stats)
     api.add_routes(app, NODE)
+    static.add_routes(app, config)
+    if config.server.dev_demo:
+        demo.add_routes(app, config)
     app.on_startup.append(_start)
     app.on_shutdown.append(_close_sockets)
     app.on_cleanup.append(_stop)

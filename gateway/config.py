@@ -38,6 +38,9 @@ class ServerSettings:
     dev_allow_user_param: bool = False
     # Key for the server API (/api/...): Authorization: Bearer <key>. Empty disables it.
     api_key: str = ""
+    # Development only (rtgate dev turns it on): the demo chat page at / and
+    # GET /dev/token?user=NAME, which mints a token for anyone. Logged loudly.
+    dev_demo: bool = False
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "server.port must be 0..65535")

@@ -221,6 +221,8 @@ def _run_dev(args: argparse.Namespace) -> int:
             "RTGATE_BROKER__PORT": str(args.broker_port),
             "RTGATE_BROKER__STATE_DIR": str(state / "broker"),
             "RTGATE_BROKER__ID": "dev-broker-1",
+            # The demo page at / and its /dev/token: this is a local development run.
+            "RTGATE_SERVER__DEV_DEMO": "true",
         })
         for name in ("broker", "gateway"):
             proc = subprocess.Popen([sys.executable, "-m", name], env=env,
@@ -261,6 +263,8 @@ def _banner(args: argparse.Namespace, nats_url: str, token: str, secret: str) ->
     return "\n".join([
         "",
         "rtgate is running",
+        f"  demo        http://127.0.0.1:{args.port}/  (chat page: open it in two windows "
+        "as two names)",
         f"  WebSocket   {ws}",
         f"  dev token   {token}",
         f"              (user {args.user!r}, valid 7 days; connect to {ws}?token=<token>)",

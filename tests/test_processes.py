@@ -146,6 +146,11 @@ def test_rtgate_dev_runs_the_whole_system(tmp_path: Path,
     url = re.search(r"WebSocket\s+(\S+)", banner)
     assert token and url and f":{port}/ws" in url.group(1)
     assert f"http://127.0.0.1:{port}/metrics" in banner
+    # The demo chat page and the browser client it imports.
+    assert f"demo        http://127.0.0.1:{port}/ " in banner
+    status, page = _get(f"http://127.0.0.1:{port}/")
+    assert status == 200 and "/client.js" in page
+    assert _get(f"http://127.0.0.1:{port}/client.js")[0] == 200
 
     import asyncio
 

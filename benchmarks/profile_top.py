@@ -99,8 +99,9 @@ def phases(stacks: list[list[str]], weights: list[float], files: dict[str, str])
                 by_phase[label] += weight
                 break
         else:
-            if stack and stack[-1].startswith("run_app "):
-                by_phase["event loop itself (uvloop, charged to run_app)"] += weight
+            # The loop's own frame: aiohttp's run_app before, rtgate.cli._run_loop since.
+            if stack and stack[-1].startswith(("run_app ", "_run_loop ")):
+                by_phase["event loop itself (uvloop, charged to the run loop)"] += weight
             else:
                 by_phase["other, or a stack cut short"] += weight
         for package in {group(files[name]) for name in stack} & set(SPREAD):

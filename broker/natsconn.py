@@ -8,10 +8,13 @@ owner through plain callbacks so readiness and metrics follow the link.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
-import nats
 import structlog
+from nats import errors as nats_errors
 from nats.aio.client import Client
 
 from broker.settings import NatsSettings
@@ -26,6 +29,61 @@ StateCallback = Callable[[], Awaitable[None]]
 
 class NatsVersionError(RuntimeError):
     pass
+
+
+class NatsAuthError(RuntimeError):
+    """NATS refused our credentials or TLS failed at start-up: retrying cannot help."""
+
+
+def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    """The client TLS context the settings ask for, or None (plain, or tls:// defaults)."""
+    if not settings.tls:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise NatsAuthError(f"nats TLS files (tls_ca_file={settings.tls_ca_file!r}, "
+                            f"tls_cert_file={settings.tls_cert_file!r}): {exc}") from exc
+    return ctx
+
+
+def auth_options(settings: NatsSettings) -> dict[str, object]:
+    """nats-py connect options for the configured credentials (at most one kind)."""
+    options: dict[str, object] = {}
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password
+    if settings.token:
+        options["token"] = settings.token
+    for key, path in (("nkeys_seed", settings.nkey_seed_file),
+                      ("user_credentials", settings.creds_file)):
+        if path:
+            # nats-py reads these files only once the server asks: a missing
+            # file would show up as a confusing error deep in the handshake.
+            what = "nkey_seed_file" if key == "nkeys_seed" else "creds_file"
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise NatsAuthError(f"nats.{what}: {exc}") from exc
+            options[key] = path
+    tls = tls_context(settings)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+def _is_fatal_at_start(exc: Exception) -> bool:
+    """Errors a retry cannot fix: wrong credentials, a TLS certificate refused."""
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False  # a connection cut mid-handshake (a server restarting): retry
+    if isinstance(exc, ssl.SSLError | nats_errors.AuthorizationError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text \
+        or "tls required" in text or "secure connection" in text
 
 
 async def connect(
@@ -47,9 +105,15 @@ async def connect(
             await on_reconnected()
 
     errors_logged = 0
+    # While the first connect runs: the first error retrying cannot fix. The
+    # client would otherwise retry a bad password forever with -1 attempts,
+    # and the service would sit unready with the reason only in its log.
+    fatal: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def error(exc: Exception) -> None:
         nonlocal errors_logged
+        if not fatal.done() and _is_fatal_at_start(exc):
+            fatal.set_result(exc)
         # Slow-consumer errors come once per dropped message: log a sample.
         errors_logged += 1
         if errors_logged <= 10 or errors_logged % 1000 == 0:
@@ -58,13 +122,9 @@ async def connect(
             await on_error(exc)
 
     log.info("connecting to nats", servers=list(settings.urls))
-    options: dict[str, object] = {}
-    if settings.user:
-        options["user"] = settings.user
-        options["password"] = settings.password
-    if settings.token:
-        options["token"] = settings.token
-    nc = await nats.connect(
+    options = auth_options(settings)
+    nc = Client()
+    kwargs: dict[str, Any] = dict(
         servers=list(settings.urls),
         name=settings.name or name,
         connect_timeout=settings.connect_timeout,
@@ -77,7 +137,26 @@ async def connect(
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
+        **options,
     )
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**kwargs))
+    try:
+        await asyncio.wait({connecting, fatal}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        await nc.close()
+        raise
+    if not connecting.done():
+        connecting.cancel()
+        await asyncio.wait({connecting})
+        await nc.close()
+        exc = fatal.result()
+        raise NatsAuthError(
+            f"nats-server at {', '.join(settings.urls)} refused the connection: {exc!r}. "
+            "Check nats.user/password, token, nkey_seed_file, creds_file and the "
+            "tls_* files against the server's configuration.") from exc
+    connecting.result()
+    fatal.cancel()
     try:
         check_server_version(nc)
     except NatsVersionError:

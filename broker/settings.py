@@ -47,9 +47,38 @@ class NatsSettings:
     # told "unavailable".
     ack_timeout: float = 5.0
     request_timeout: float = 2.0
+    # Credentials: at most one of user/password, token, an NKey seed file or
+    # a creds file (JWT + seed, decentralized auth), as the server expects.
     user: str = ""
     password: str = ""
     token: str = ""
+    nkey_seed_file: str = ""
+    creds_file: str = ""
+    # TLS: a CA to verify the server by (else the system's CAs, when the URLs
+    # say tls:// or the server requires TLS), and a client certificate and key
+    # for servers that verify clients.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        # A half-set pair would connect without the credential the operator
+        # meant to give and fail later as a puzzling authorization violation.
+        require(bool(self.user) == bool(self.password),
+                "nats.user and nats.password must be set together")
+        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
+                "nats.tls_cert_file and nats.tls_key_file must be set together")
+        methods = [name for name, value in (
+            ("user/password", self.user), ("token", self.token),
+            ("nkey_seed_file", self.nkey_seed_file), ("creds_file", self.creds_file))
+            if value]
+        require(len(methods) <= 1,
+                f"nats: set only one of user/password, token, nkey_seed_file and creds_file "
+                f"(got {', '.join(methods)})")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca_file or self.tls_cert_file)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

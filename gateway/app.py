@@ -19,20 +19,26 @@ from gateway.client import Client
 from gateway.config import DEV_SECRET, GatewayConfig
 from gateway.errors import ErrorCode
 from gateway.node import Node
+from rtgate.sdnotify import Notifier
 
 log = structlog.get_logger("rtgate.gateway")
 
 NODE = web.AppKey("node", Node)
 HANDLE_SIGNALS = web.AppKey("handle_signals", bool)
-
+NOTIFIER = web.AppKey("notifier", Notifier)
 
 
 def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
-               *, handle_signals: bool = False) -> web.Application:
-    """``handle_signals``: SIGTERM drains (the process's own server, not tests)."""
+               *, handle_signals: bool = False, notifier: Notifier | None = None
+               ) -> web.Application:
+    """``handle_signals``: SIGTERM drains (the process's own server, not tests).
+
+    ``notifier`` is told STOPPING when SIGTERM starts the drain (systemd).
+    """
     app = web.Application()
     app[NODE] = Node(config, registry)
     app[HANDLE_SIGNALS] = handle_signals
+    app[NOTIFIER] = notifier or Notifier(None)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -48,6 +54,23 @@ def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
     return app
 
 
+def create_metrics_app(app: web.Application) -> web.Application:
+    """The observability endpoints of ``app``'s gateway alone, for server.metrics_port.
+
+    A separate application on its own listener (rather than routing by port
+    inside one app) keeps /ws and the API off the metrics port without a
+    middleware; it shares the gateway's node, and the node's lifecycle stays
+    with the main app.
+    """
+    metrics_app = web.Application()
+    metrics_app[NODE] = app[NODE]
+    metrics_app.router.add_get("/healthz", healthz)
+    metrics_app.router.add_get("/readyz", readyz)
+    metrics_app.router.add_get("/metrics", metrics)
+    metrics_app.router.add_get("/stats", stats)
+    return metrics_app
+
+
 async def _start(app: web.Application) -> None:
     node = app[NODE]
     hmac = any(a.startswith("HS") for a in node.config.auth.algorithms)
@@ -60,8 +83,15 @@ async def _start(app: web.Application) -> None:
     await node.start()
     if app[HANDLE_SIGNALS]:
         loop = asyncio.get_running_loop()
+        notifier = app[NOTIFIER]
+
+        def drain() -> None:
+            # systemd shows the unit "deactivating" from here, not at exit.
+            notifier.stopping("draining")
+            node.begin_drain()
+
         # Replaces aiohttp's own SIGTERM handler, which would stop at once.
-        loop.add_signal_handler(signal.SIGTERM, node.begin_drain)
+        loop.add_signal_handler(signal.SIGTERM, drain)
         # Rotated keys are picked up by the file watch too; SIGHUP is immediate.
         loop.add_signal_handler(signal.SIGHUP, node.auth.reload_keys)
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from broker import settings
 from broker.settings import (
+    ConfigError,
     LogSettings,
     NatsSettings,
     PresenceSettings,
@@ -41,9 +42,24 @@ class ServerSettings:
     # Development only (rtgate dev turns it on): the demo chat page at / and
     # GET /dev/token?user=NAME, which mints a token for anyone. Logged loudly.
     dev_demo: bool = False
+    # SO_REUSEPORT: several gateway processes (one per core) share server.port
+    # and the kernel spreads connections among them.
+    reuse_port: bool = False
+    # > 0: /metrics, /healthz, /readyz and /stats are also served (plain HTTP)
+    # on this port plus the instance number, so each process behind a shared
+    # port can be scraped on its own. 0: only on server.port.
+    metrics_port: int = 0
+    # Native TLS (wss://, https://) when both are set: PEM certificate chain and key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "server.port must be 0..65535")
+        require(0 <= self.metrics_port <= 65535, "server.metrics_port must be 0..65535")
+        require(self.metrics_port == 0 or self.metrics_port != self.port,
+                "server.metrics_port must differ from server.port")
+        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
+                "server.tls_cert_file and server.tls_key_file must be set together")
         require(self.heartbeat_seconds > 0, "server.heartbeat_seconds must be > 0")
 
 
@@ -180,6 +196,25 @@ class GatewayConfig:
     @property
     def gateway_id(self) -> str:
         return self.server.id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def for_instance(self, instance: int) -> GatewayConfig:
+        """The config of instance N of a host's gateways (``rtgate gateway --instance N``).
+
+        Its id is ``<server.id or hostname>-N`` (stable across restarts, unlike
+        the pid default) and its metrics listener ``server.metrics_port + N``.
+        """
+        if instance < 0:
+            raise ConfigError(f"--instance must be >= 0, got {instance}")
+        metrics_port = self.server.metrics_port
+        if metrics_port > 0:
+            metrics_port += instance
+            if metrics_port > 65535 or metrics_port == self.server.port:
+                raise ConfigError(f"server.metrics_port + instance ({metrics_port}) must be "
+                                  "a free port other than server.port")
+        server = dataclasses.replace(
+            self.server, id=f"{self.server.id or socket.gethostname()}-{instance}",
+            metrics_port=metrics_port)
+        return dataclasses.replace(self, server=server)
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import re
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from broker.settings import ConfigError
 from gateway.config import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS
+from rtgate.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -32,12 +40,25 @@ def _patterns(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _instance(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"bad instance {text!r} (a number >= 0)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rtgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("gateway", help="run one WebSocket gateway")
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
+    p.add_argument("--instance", type=_instance, metavar="N",
+                   help="instance N of this host's gateways (systemd passes %%i): id "
+                        "<server.id or hostname>-N, metrics on server.metrics_port + N")
 
     p = sub.add_parser("broker", help="run the broker service")
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
@@ -71,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "gateway":
-            _run_gateway(args.config)
+            _run_gateway(args.config, args.instance)
         elif args.command == "broker":
             _run_broker(args.config)
         elif args.command == "dev":
@@ -91,23 +112,117 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _serve(app_factory: str, config_path: str | None) -> None:
+def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
+    if not cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert_file / server.tls_key_file ({cert_file}, "
+                          f"{key_file}): {exc}") from exc
+    return ctx
+
+
+@dataclasses.dataclass
+class _Listen:
+    """One listener: the app and where it listens."""
+
+    app: web.Application
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+    reuse_port: bool = False
+    handle_signals: bool = False
+
+
+async def _run(listeners: list[_Listen], notifier: Notifier, status: str) -> None:
+    """aiohttp's run_app for several listeners, telling systemd once all of them listen.
+
+    The first listener's app owns the service (its startup connects NATS, its
+    cleanup stops it); the others only serve its endpoints.
+    """
     from aiohttp import web
+
+    runners: list[web.AppRunner] = []
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        for listen in listeners:
+            runner = web.AppRunner(listen.app, handle_signals=listen.handle_signals,
+                                   access_log=None, shutdown_timeout=5)
+            # Appended once set up: as in run_app, a failed startup is not cleaned up.
+            await runner.setup()
+            runners.append(runner)
+            # reuse_port=None rather than False: aiohttp's own default.
+            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=listen.ssl_context,
+                               reuse_port=listen.reuse_port or None)
+            await site.start()
+        # Startup connected NATS (or raised) and every socket listens: ready.
+        notifier.ready(status)
+        watchdog = asyncio.ensure_future(notifier.run_watchdog())
+        await asyncio.Event().wait()  # until cancelled: SIGTERM, SIGINT or drained
+    finally:
+        if notifier.sent_ready:
+            notifier.stopping("stopping")
+        # The main app last: its endpoints answer (draining) until it is gone.
+        for runner in reversed(runners):
+            await runner.cleanup()
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """What web.run_app does around its coroutine: SIGTERM/drain end it by GracefulExit."""
+    from aiohttp.web_runner import GracefulExit
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(main)
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(task)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(task)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for other in rest:
+                other.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _serve(app_factory: str, config_path: str | None, instance: int | None = None) -> None:
     from nats.errors import NoServersError
 
     from broker import logs
-    from broker.natsconn import NatsVersionError
+    from broker.natsconn import NatsAuthError, NatsVersionError
     from broker.store import StoreError
     from broker.streams import StreamError
 
+    notifier = Notifier.from_env()
     if app_factory == "gateway":
         from gateway import config as gconfig
         from gateway.app import create_app as gateway_app
+        from gateway.app import create_metrics_app
 
         gcfg = gconfig.load(config_path)
+        if instance is not None:
+            gcfg = gcfg.for_instance(instance)
         logs.configure(gcfg.log, "gateway")
-        app = gateway_app(gcfg, handle_signals=True)
-        host, port = gcfg.server.host, gcfg.server.port
+        server = gcfg.server
+        app = gateway_app(gcfg, handle_signals=True, notifier=notifier)
+        listeners = [_Listen(app, server.host, server.port,
+                             _tls_context(server.tls_cert_file, server.tls_key_file),
+                             server.reuse_port, handle_signals=True)]
+        if server.metrics_port:
+            listeners.append(_Listen(create_metrics_app(app), server.host, server.metrics_port))
+        status = f"gateway {gcfg.gateway_id} on {server.host}:{server.port}"
         nats_urls = gcfg.nats.urls
     else:
         from broker import config as bconfig
@@ -116,13 +231,13 @@ def _serve(app_factory: str, config_path: str | None) -> None:
         bcfg = bconfig.load(config_path)
         logs.configure(bcfg.log, "broker")
         app = broker_app(bcfg)
-        host, port = bcfg.broker.host, bcfg.broker.port
+        listeners = [_Listen(app, bcfg.broker.host, bcfg.broker.port, handle_signals=True)]
+        status = f"broker {bcfg.broker_id} on {bcfg.broker.host}:{bcfg.broker.port}"
         nats_urls = bcfg.nats.urls
     _use_uvloop()
     try:
-        web.run_app(app, host=host, port=port, print=None, access_log=None,
-                    shutdown_timeout=5)
-    except (NatsVersionError, StreamError, StoreError) as exc:
+        _run_loop(_run(listeners, notifier, status))
+    except (NatsVersionError, NatsAuthError, StreamError, StoreError) as exc:
         print(f"rtgate {app_factory}: {exc}", file=sys.stderr)
         sys.exit(2)
     except NoServersError:
@@ -134,8 +249,8 @@ def _serve(app_factory: str, config_path: str | None) -> None:
         sys.exit(2)
 
 
-def _run_gateway(config_path: str | None) -> None:
-    _serve("gateway", config_path)
+def _run_gateway(config_path: str | None, instance: int | None = None) -> None:
+    _serve("gateway", config_path, instance)
 
 
 def _run_broker(config_path: str | None) -> None:

@@ -23,6 +23,12 @@ import structlog
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import (
+    BucketNotFoundError,
+    NotFoundError,
+    ObjectDeletedError,
+    ObjectNotFoundError,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker import presence_journal as journal
@@ -110,6 +116,7 @@ class PresenceService:
         self._quiet_until = 0.0
         self._dirty = False
         self._journal: Journal | None = None
+        self._lease: Lease | None = None
         # One input at a time, journaled then applied then announced, so the
         # journal's order is the order the state saw.
         self._lock = asyncio.Lock()
@@ -170,14 +177,35 @@ class PresenceService:
                 await self._sleep(lease.ttl)
 
     async def _lead(self, lease: Lease) -> None:
+        # Renewed by its own task from the start: a slow rebuild or save must not
+        # let the lease expire under an active service.
+        renewer = asyncio.get_running_loop().create_task(self._keep(lease))
+        try:
+            await self._lead_with(lease)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _keep(self, lease: Lease) -> None:
+        while await self._sleep(lease.ttl / 3):
+            if not await lease.renew():
+                log.error("presence lease lost: another service is active now")
+                return
+
+    async def _lead_with(self, lease: Lease) -> None:
+        self._lease = lease
         self.revision = lease.token
         self._fenced = False
         loop = asyncio.get_running_loop()
-        self._journal = Journal(self._nc, self._replicas, self._timeout)
+        self._journal = Journal(self._nc, self._replicas, self._timeout,
+                                f"{self._holder}/{lease.token}")
         await self._journal.open()
         saved = await self._load()
-        state, exact = await self._rebuild(saved, self._journal)
+        # One clock reading for the rebuilt state and the takeover mark: a later
+        # replay rebases at the mark's reading, exactly as this service did.
         now = loop.time()
+        state, exact = await self._rebuild(saved, self._journal, now)
         if state is not None:
             self.state = state
             self._quiet_until = 0.0
@@ -204,6 +232,8 @@ class PresenceService:
         if took_over:
             self.metrics.failovers.inc()
         self._other_seen = False
+        if lease.lost:
+            return
         # Fences the journal: a former service's next append fails.
         await self._journal.append(journal.encode(now, "takeover", self._holder))
         self.metrics.active.set(1)
@@ -216,11 +246,12 @@ class PresenceService:
                                headers=self._fence())
         await self._nc.flush(timeout=2)
         self._dirty = True
-        renew_every = lease.ttl / 3
-        renewed_at = saved_at = now
+        saved_at = now
         while await self._sleep(TICK_SECONDS):
             if self._fenced:
                 log.error("presence journal written by another service: stepping down")
+                return
+            if lease.lost:
                 return
             now = loop.time()
             if not self.answering and now >= ready_at:
@@ -232,16 +263,11 @@ class PresenceService:
             await self._tick()
             self.metrics.show(self.state)
             self._expire_syncs(now)
-            if now - renewed_at >= renew_every:
-                if not await lease.renew():
-                    log.error("presence lease lost: another service is active now")
-                    return
-                renewed_at = now
             if self._dirty and now - saved_at >= self._settings.snapshot_interval_seconds:
                 await self._save()
                 saved_at = now
 
-    async def _rebuild(self, saved: dict[str, Any] | None, log_: Journal
+    async def _rebuild(self, saved: dict[str, Any] | None, log_: Journal, now: float
                        ) -> tuple[PresenceState | None, bool]:
         """The last service's state: its save, then its journal replayed with its own
         clock readings. ``exact`` is False when the journal could not be read whole."""
@@ -259,24 +285,29 @@ class PresenceService:
                 state, clock, after = None, 0.0, 0
         try:
             entries = await log_.after(after)
-        except (JournalGap, ReadError) as exc:
-            log.warning("presence journal unreadable", error=str(exc))
+        except (JournalGap, ReadError, ValueError, KeyError) as exc:
+            log.warning("presence journal unreadable", error=repr(exc))
             entries = None
         if entries:
             if state is None:
                 state = PresenceState(self._config)
             for entry in entries:
-                try:
-                    self._apply(state, entry.kind, entry.gateway, entry.report, entry.now)
-                except wire.WireError as exc:
-                    log.warning("bad presence journal entry skipped", seq=entry.seq,
-                                error=str(exc))
+                if entry.kind == "takeover":
+                    # Entries after a takeover mark carry the next service's
+                    # clock: move over as that service did when it wrote the mark.
+                    state.rebase(entry.now, clock)
+                else:
+                    try:
+                        self._apply(state, entry.kind, entry.gateway, entry.report, entry.now)
+                    except wire.WireError as exc:
+                        log.warning("bad presence journal entry skipped", seq=entry.seq,
+                                    error=str(exc))
                 clock = entry.now
             self._syncs.clear()
         if state is None:
             return None, entries is not None
         # Into this process's clock: deadlines keep what remained of them.
-        state.rebase(asyncio.get_running_loop().time(), clock)
+        state.rebase(now, clock)
         return state, entries is not None
 
     async def _step_down(self, lease: Lease, save: bool) -> None:
@@ -302,9 +333,12 @@ class PresenceService:
         try:
             store = await js.object_store(SNAPSHOT_BUCKET)
             result = await store.get(SNAPSHOT_OBJECT)
-        except Exception as exc:  # no bucket or no object yet: a first start
+        except (BucketNotFoundError, ObjectNotFoundError, ObjectDeletedError,
+                NotFoundError) as exc:
             log.info("no saved presence state", reason=type(exc).__name__)
             return None
+        # Anything else (a timeout) propagates: taking over without the save
+        # would rebuild quietly and then overwrite the good save.
         try:
             data: dict[str, Any] = json.loads(result.data or b"")
         except ValueError as exc:
@@ -313,8 +347,17 @@ class PresenceService:
             return None
         return data
 
+    def _superseded(self) -> bool:
+        return self._fenced or (self._lease is not None and self._lease.lost)
+
     async def _save(self) -> None:
         assert self.state is not None and self._journal is not None
+        if self._superseded():
+            return  # a replaced service must not overwrite its successor's save
+        if self._syncs:
+            # Parts already journaled would fall before the save's journal
+            # position without being in the state: wait for the sync to finish.
+            return
         # The state and the journal position it covers, taken together.
         async with self._lock:
             clock = asyncio.get_running_loop().time()
@@ -335,7 +378,8 @@ class PresenceService:
             self._dirty = True
             log.warning("could not save presence state", error=repr(exc))
             return
-        await self._journal.trim(seq)
+        if not self._superseded():
+            await self._journal.trim(seq)
 
     # -- reports from gateways -------------------------------------------------
 
@@ -343,13 +387,19 @@ class PresenceService:
         kind, _, token = msg.subject[len(subjects.PRESENCE_PREFIX):].partition(".")
         try:
             gateway = subjects.decode_token(token)
+            # Strict UTF-8: json.loads also takes UTF-16 and BOMs, which the
+            # journal (it embeds the report as received) could not replay.
+            msg.data.decode("utf-8")
             report = wire.parse(msg.data)
             wire.decode(kind, report)  # checked before it is journaled
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("malformed presence report dropped", subject=msg.subject[:200],
                         error=str(exc))
             return
-        await self._input(kind, gateway, msg.data, report)
+        try:
+            await self._input(kind, gateway, msg.data, report)
+        except Exception as exc:  # a callback's error would only reach nats-py's error_cb
+            log.error("presence report failed", subject=msg.subject[:200], error=repr(exc))
 
     async def _tick(self) -> None:
         await self._input("tick", "")

@@ -15,6 +15,7 @@ noticed it lost the lease fails its next append (``Fenced``) and stops.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,13 +62,17 @@ def encode(now: float, kind: str, gateway: str, report: bytes = b"null") -> byte
 
 
 class Journal:
-    def __init__(self, nc: Nats, replicas: int, timeout: float) -> None:
+    def __init__(self, nc: Nats, replicas: int, timeout: float, writer: str = "") -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=timeout)
         self._replicas = replicas
         self._timeout = timeout
         # The stream's last sequence as this writer knows it.
         self.last_seq = 0
+        # Every entry's Nats-Msg-Id starts with this (unique per writer and
+        # takeover), so the writer can recognise its own entries.
+        self._writer = writer or secrets.token_hex(8)
+        self._count = 0
 
     async def open(self) -> None:
         config = StreamConfig(
@@ -85,16 +90,36 @@ class Journal:
 
     async def append(self, entry: bytes) -> int:
         """Store one entry; ``Fenced`` if the stream moved on without us."""
-        try:
-            ack = await self._js.publish(
-                SUBJECT, entry, stream=STREAM,
-                headers={"Nats-Expected-Last-Sequence": str(self.last_seq)})
-        except APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
-                raise Fenced(str(exc)) from None
-            raise
-        self.last_seq = ack.seq
-        return ack.seq
+        self._count += 1
+        msg_id = f"{self._writer}-{self._count}"
+        for _ in range(2):
+            try:
+                ack = await self._js.publish(
+                    SUBJECT, entry, stream=STREAM,
+                    headers={"Nats-Expected-Last-Sequence": str(self.last_seq),
+                             "Nats-Msg-Id": msg_id})
+            except APIError as exc:
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                # An earlier append of ours may have been stored after all (its
+                # ack timed out): then the last entry is ours, not a successor's.
+                last = await self._own_last()
+                if last is None:
+                    raise Fenced(str(exc)) from None
+                self.last_seq = last
+                continue
+            self.last_seq = ack.seq
+            return ack.seq
+        raise Fenced("the journal keeps moving")
+
+    async def _own_last(self) -> int | None:
+        """The sequence of the journal's last entry if this writer wrote it."""
+        msg = await jsread.get_one(self._nc, STREAM, self._timeout, last_by_subj=SUBJECT)
+        if msg is None or not msg.headers:
+            return None
+        if not msg.headers.get("Nats-Msg-Id", "").startswith(self._writer + "-"):
+            return None
+        return int(msg.headers["Nats-Sequence"])
 
     async def after(self, seq: int) -> list[Entry]:
         """Every entry after ``seq``, in order; ``JournalGap`` if some are gone."""

@@ -519,6 +519,10 @@ class PresenceState:
         for name, gw in self._gateways.items():
             gateways[name] = {
                 "dead": gw.dead_since is not None,
+                # Seconds since last heard from (and since death): a replay of
+                # journaled ticks must declare deaths exactly when they happened.
+                "silent": max(0.0, now - gw.last_seen),
+                "deadFor": 0.0 if gw.dead_since is None else max(0.0, now - gw.dead_since),
                 "connections": {conn: [c.user, c.username, sorted(c.rooms)]
                                 for conn, c in gw.conns.items()},
             }
@@ -537,16 +541,18 @@ class PresenceState:
     def restore(cls, data: Mapping[str, Any], now: float,
                 config: PresenceConfig | None = None) -> PresenceState:
         """Rebuild from ``snapshot()``, emitting nothing: the snapshot's announced
-        view is what observers already know. Every gateway starts a fresh
-        liveness period at ``now`` (we cannot know when the old owner last heard
-        it); dead ones stay dead until they sync."""
+        view is what observers already know. Exact, with ``now`` on the clock the
+        snapshot was taken with (a journal replay continues on it); moving to
+        another process's clock is ``rebase``, which also gives every gateway a
+        fresh liveness period. Dead gateways stay dead until they sync."""
         if data.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported presence snapshot version {data.get('version')!r}")
         state = cls(config)
         for name, entry in data["gateways"].items():
-            gw = state._gateways[str(name)] = _Gateway(last_seen=now)
+            gw = state._gateways[str(name)] = _Gateway(
+                last_seen=now - float(entry.get("silent", 0.0)))
             if entry["dead"]:
-                gw.dead_since = now
+                gw.dead_since = now - float(entry.get("deadFor", 0.0))
                 continue
             for conn, (user, username, rooms) in entry["connections"].items():
                 state._attach(gw, str(conn), str(user), str(username))

@@ -104,9 +104,10 @@ class PresenceLink:
             self._deliver(targets, event)
 
         async def on_sync_request(msg: Msg) -> None:
-            if self.accept(msg):
-                self._sync_wanted = True
-                self._wake.set()
+            if not self.accept(msg) and not self._takeover(msg):
+                return
+            self._sync_wanted = True
+            self._wake.set()
 
         self._subs = [
             await nc.subscribe(subjects.LIVE_PRESENCE_USER_PREFIX + "*", cb=on_user_event),
@@ -123,6 +124,22 @@ class PresenceLink:
         headers = msg.headers
         raw = headers.get(subjects.HDR_PRESENCE_REVISION) if headers else None
         return raw is None or self.accept_revision(raw)
+
+    def _takeover(self, msg: Msg) -> bool:
+        """A new service's takeover broadcast is believed even with a lower token: the
+        lease bucket may have been recreated (its revisions start again), and a
+        former service never broadcasts a takeover after it was replaced."""
+        try:
+            request = json.loads(msg.data)
+            revision = int(request["revision"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        if request.get("reason") != "takeover":
+            return False
+        log.warning("presence service token went back: the lease was reset",
+                    known=self.revision, new=revision)
+        self.revision = revision
+        return True
 
     def accept_revision(self, raw: str) -> bool:
         try:
@@ -213,6 +230,14 @@ class PresenceLink:
             # The full state replaces every change not yet sent.
             self._queue.clear()
             state = {c.conn_id: (*_who(c), c.rooms) for c in self._clients()}
+            # Start the digest over from what is sent: should it ever drift, one
+            # sync repairs it instead of a sync at every heartbeat.
+            self._digest = GatewayDigest()
+            for conn, (user, name, rooms) in state.items():
+                self._digest.add_connection(conn, user, name)
+                for room in rooms:
+                    self._digest.add_room(conn, room)
+            self._count = len(state)
             subject = subjects.presence_subject("sync", self._gateway)
             for part in wire.encode_sync(self._gateway, state):
                 await nc.publish(subject, part)

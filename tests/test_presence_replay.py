@@ -1,0 +1,71 @@
+"""A takeover's replay of the journal reproduces what the last service announced.
+
+Fed from journal entries directly (no NATS): these are the cases where the
+replay once diverged, found in review."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from broker import presence_wire as wire
+from broker.presence import PresenceService
+from broker.presence_journal import Entry
+from broker.presence_state import PresenceConfig, PresenceState
+from broker.settings import PresenceSettings
+
+SETTINGS = PresenceSettings(heartbeat_seconds=5, missed_heartbeats=3, grace_seconds=1)
+
+
+class _Journal:
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+
+    async def after(self, seq: int) -> list[Entry]:
+        return [e for e in self.entries if e.seq > seq]
+
+
+def _service() -> PresenceService:
+    return PresenceService(None, SETTINGS, "c", CollectorRegistry())  # type: ignore[arg-type]
+
+
+def _events(gateway: str, *changes: wire.Change) -> Any:
+    return wire.parse(wire.encode_changes(gateway, list(changes)))
+
+
+def _saved(state: PresenceState, clock: float, seq: int) -> dict[str, Any]:
+    return {"holder": "a", "clock": clock, "journalSeq": seq, "state": state.snapshot(clock)}
+
+
+def _config() -> PresenceConfig:
+    return PresenceConfig(grace_seconds=1, heartbeat_seconds=5, missed_heartbeats=3)
+
+
+async def test_entries_after_a_takeover_mark_run_on_the_next_services_clock() -> None:
+    # Service A (clock near 1000) saved alice online; B took over (its clock near
+    # 5), saw her disconnect and announced her offline; then C takes over.
+    a = PresenceState(_config())
+    a.connect("g1", "c1", "alice", "Alice", 1000.0)
+    saved = _saved(a, 1000.0, 1)
+    journal = _Journal([
+        Entry(2, 5.0, "takeover", "b", None),
+        Entry(3, 5.1, "events", "g1", _events("g1", wire.Change("disconnect", "c1", "alice",
+                                                                 "Alice"))),
+        Entry(4, 6.2, "tick", "", None),   # grace (1 s) over: B announced the offline
+    ])
+    state, exact = await _service()._rebuild(saved, journal, 42.0)  # type: ignore[arg-type]
+    assert exact and state is not None
+    assert not state.is_online("alice")
+    assert state.tick(42.0 + 3600) == []   # nothing left to announce twice
+
+
+async def test_a_journaled_tick_declares_the_same_death_on_replay() -> None:
+    # g1 was last heard at 0; A saved at 14, and its tick at 15.1 declared g1 dead.
+    a = PresenceState(_config())
+    a.connect("g1", "c1", "bob", "Bob", 0.0)
+    saved = _saved(a, 14.0, 1)
+    journal = _Journal([Entry(2, 15.1, "tick", "", None), Entry(3, 16.2, "tick", "", None)])
+    state, _ = await _service()._rebuild(saved, journal, 7.0)  # type: ignore[arg-type]
+    assert state is not None
+    assert not state.gateway_alive("g1") and not state.is_online("bob")

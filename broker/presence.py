@@ -121,6 +121,8 @@ class PresenceService:
         # journal's order is the order the state saw.
         self._lock = asyncio.Lock()
         self._fenced = False
+        # Stepping down: inputs are refused.
+        self._closing = False
         self._subs: list[Subscription] = []
         # gateway -> (sync id, parts expected, parts so far, started at)
         self._syncs: dict[str, tuple[str, int, dict[int, wire.SyncPart], float]] = {}
@@ -312,6 +314,11 @@ class PresenceService:
 
     async def _step_down(self, lease: Lease, save: bool) -> None:
         self.answering = False
+        # An input in progress finishes first (journaled means announced); later
+        # ones are refused, so unsubscribing cancels nothing half done.
+        self._closing = True
+        async with self._lock:
+            pass
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -323,6 +330,7 @@ class PresenceService:
         self._syncs.clear()
         self.metrics.active.set(0)
         self.metrics.show(None)
+        self._closing = False
         if not lease.lost:
             await lease.release()
 
@@ -409,7 +417,7 @@ class PresenceService:
         """Journal one input, apply it, announce what it caused: in that order."""
         async with self._lock:
             state, log_ = self.state, self._journal
-            if state is None or log_ is None or self._fenced:
+            if state is None or log_ is None or self._fenced or self._closing:
                 return
             now = asyncio.get_running_loop().time()
             if kind == "tick":
@@ -482,10 +490,14 @@ class PresenceService:
     def _on_sync_part(self, state: PresenceState, gateway: str, part: wire.SyncPart,
                       now: float) -> list[PresenceEvent]:
         pending = self._syncs.get(gateway)
-        if pending is None or pending[0] != part.sync_id:
-            pending = (part.sync_id, part.parts, {}, now)
-            self._syncs[gateway] = pending
-        pending[2][part.part] = part
+        parts: dict[int, wire.SyncPart] = {}
+        if pending is not None and pending[0] == part.sync_id:
+            parts = pending[2]
+        # Timed from the latest part: under a takeover storm parts of every
+        # gateway queue behind each other's journal appends.
+        pending = (part.sync_id, part.parts, parts, now)
+        self._syncs[gateway] = pending
+        parts[part.part] = part
         if len(pending[2]) < part.parts:
             return []
         del self._syncs[gateway]

@@ -300,7 +300,9 @@ class PresenceService:
                     state.rebase(entry.now, clock)
                 else:
                     try:
-                        self._apply(state, entry.kind, entry.gateway, entry.report, entry.now)
+                        decoded = None if entry.kind == "tick" else \
+                            wire.decode(entry.kind, entry.report)
+                        self._apply(state, entry.kind, entry.gateway, decoded, entry.now)
                     except wire.WireError as exc:
                         log.warning("bad presence journal entry skipped", seq=entry.seq,
                                     error=str(exc))
@@ -398,8 +400,8 @@ class PresenceService:
             # Strict UTF-8: json.loads also takes UTF-16 and BOMs, which the
             # journal (it embeds the report as received) could not replay.
             msg.data.decode("utf-8")
-            report = wire.parse(msg.data)
-            wire.decode(kind, report)  # checked before it is journaled
+            # Checked before it is journaled, and decoded once.
+            report = wire.decode(kind, wire.parse(msg.data))
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("malformed presence report dropped", subject=msg.subject[:200],
                         error=str(exc))
@@ -413,7 +415,7 @@ class PresenceService:
         await self._input("tick", "")
 
     async def _input(self, kind: str, gateway: str, raw: bytes = b"null",
-                     report: Any = None) -> None:
+                     report: wire.Report | None = None) -> None:
         """Journal one input, apply it, announce what it caused: in that order."""
         async with self._lock:
             state, log_ = self.state, self._journal
@@ -456,14 +458,12 @@ class PresenceService:
             log.warning("presence journal append failed", error=repr(exc))
         return True
 
-    def _apply(self, state: PresenceState, kind: str, gateway: str, report: Any,
-               now: float) -> tuple[list[PresenceEvent], bool]:
-        """One input to the state machine: its events, and whether to ask for a sync."""
-        if kind == "tick":
+    def _apply(self, state: PresenceState, kind: str, gateway: str,
+               decoded: wire.Report | None, now: float) -> tuple[list[PresenceEvent], bool]:
+        """One input to the state machine (a decoded report, None for a tick): its
+        events, and whether to ask for a sync."""
+        if kind == "tick" or decoded is None:
             return state.tick(now), False
-        if kind == "takeover":
-            return [], False
-        decoded = wire.decode(kind, report)
         if isinstance(decoded, wire.SyncPart):
             return self._on_sync_part(state, gateway, decoded, now), False
         # Parts of one sync arrive back to back: anything else from the gateway

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from broker import jsread, natsconn, streams, subjects
 from broker.background import Background
-from gateway import admission, bans, disconnect
+from gateway import admission, bans, disconnect, recovery
 from gateway.admission import AddressLimits
 from gateway.auth import Authenticator
 from gateway.bans import Bans
@@ -186,9 +186,10 @@ class Node:
         try:
             last = await jsread.last_seq(self.nc, subjects.ROOMS_STREAM,
                                          subjects.room_subject(room_id), timeout)
-            if last > 0:
-                return last
-            return (await jsread.bounds(self.nc, subjects.ROOMS_STREAM, timeout))[1]
+            # The stream's high-water mark is only needed (and read) for an empty room.
+            high = 0 if last > 0 else \
+                (await jsread.bounds(self.nc, subjects.ROOMS_STREAM, timeout))[1]
+            return recovery.position_of(last, high)
         except jsread.ReadError as exc:
             raise unavailable(f"stream lookup failed: {exc}") from exc
 

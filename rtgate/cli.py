@@ -172,7 +172,11 @@ async def _run(listeners: list[_Listen], notifier: Notifier, status: str) -> Non
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """What web.run_app does around its coroutine: SIGTERM/drain end it by GracefulExit."""
+    """What web.run_app does around its coroutine: SIGTERM/drain end it by GracefulExit.
+
+    Not asyncio.run: its shutdown waits for the default executor's threads,
+    and a broker stop then hung on a store thread (tried; the process test
+    timed out)."""
     from aiohttp.web_runner import GracefulExit
 
     loop = asyncio.new_event_loop()

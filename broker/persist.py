@@ -33,8 +33,12 @@ from broker.streams import StreamSpec, epoch_of, specs
 log = structlog.get_logger("rtgate.persist")
 
 BATCH = 500
-# Redelivery after this long without an ack: longer than any sane batch write.
-ACK_WAIT_SECONDS = 30.0
+# Redelivery after this long without an ack. It bounds how late a message
+# lost in flight is stored: a delivery cut off with the broker's NATS
+# connection (its node died) is known to JetStream only as unacked. A batch
+# write that runs longer keeps its messages with in-progress acks.
+ACK_WAIT_SECONDS = 10.0
+PROGRESS_SECONDS = ACK_WAIT_SECONDS / 3
 PURGE_INTERVAL_SECONDS = 30.0
 
 
@@ -136,15 +140,19 @@ class Persister:
         info = await self._js.stream_info(spec.name)
         self._epochs[spec.name] = epoch_of(info)
         config = ConsumerConfig(
+            name=subjects.PERSIST_CONSUMER,
             durable_name=subjects.PERSIST_CONSUMER,
+            filter_subject=spec.subjects[0],
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ACK_WAIT_SECONDS,
             max_ack_pending=20 * BATCH,
         )
-        return await self._js.pull_subscribe(
-            spec.subjects[0], durable=subjects.PERSIST_CONSUMER, stream=spec.name,
-            config=config)
+        # Create or update: a consumer an older release made (ack_wait 30 s)
+        # takes this release's settings; the same config again is a no-op.
+        await self._js.add_consumer(spec.name, config=config)
+        return await self._js.pull_subscribe_bind(
+            durable=subjects.PERSIST_CONSUMER, stream=spec.name)
 
     async def _run(self, spec: StreamSpec) -> None:
         psub: JetStreamContext.PullSubscription | None = None
@@ -196,7 +204,7 @@ class Persister:
         if rows:
             started = time.perf_counter()
             try:
-                await self._store.write(rows)
+                await self._write(rows, kept)
             except StoreError as exc:
                 # Not acked: JetStream redelivers after ack_wait; nothing is lost.
                 log.error("store write failed; will be redelivered", stream=stream,
@@ -207,6 +215,18 @@ class Persister:
             self.metrics.persisted.labels(stream).inc(len(rows))
         for msg in kept:
             await msg.ack()
+
+    async def _write(self, rows: list[StoredMessage], msgs: list[Msg]) -> None:
+        """Write a batch, telling JetStream every few seconds that it is still in hand."""
+        write = asyncio.ensure_future(self._store.write(rows))
+        while True:
+            done, _ = await asyncio.wait((write,), timeout=PROGRESS_SECONDS)
+            if done:
+                write.result()  # raises what the write raised
+                return
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     async def floor(self, stream: str) -> int:
         """The consumer's ack floor: every message at or below it is in the store."""

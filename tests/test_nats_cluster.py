@@ -18,6 +18,7 @@ import pytest
 from nats.js.api import KeyValueConfig, ObjectStoreConfig
 
 from broker import subjects
+from broker.persist import ACK_WAIT_SECONDS
 from rtgate.natsserver import free_port
 from tests.conftest import token, wait_until
 from tests.natsconf import (
@@ -174,9 +175,15 @@ async def test_acked_messages_survive_the_loss_of_a_nats_node(
         missing = {m["id"] for m in acked.values()} - set(ids)
         assert not missing, f"acked but not delivered: {sorted(missing)}"
 
-        # And the broker stored every one of them.
+        # And the broker stored every one of them. A delivery to the broker that
+        # was in flight through the killed node is redelivered after ack_wait.
         db = tmp_path / "b1" / "rtgate.sqlite3"
-        await wait_until(lambda: set(acked) <= _stored_offsets(db), 15, pause=0.1)
+        try:
+            await wait_until(lambda: set(acked) <= _stored_offsets(db),
+                             ACK_WAIT_SECONDS + 5, pause=0.1)
+        except TimeoutError:
+            missing = sorted(set(acked) - _stored_offsets(db))
+            raise AssertionError(f"acked but not stored: offsets {missing}") from None
         print(f"acked {len(acked)}, refused {refused}, flow resumed {outage:.1f} s "
               f"after killing the stream leader {victim.name}")
     finally:

@@ -12,13 +12,21 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from broker import subjects
 from broker.config import BrokerSettings, StoreSettings
+from broker.persist import ACK_WAIT_SECONDS
 from broker.service import Broker
 from broker.store import Channel, SqliteStore, StoreError
 from rtgate.natsserver import NatsServer, env_without_rtgate
-from tests.conftest import BrokerFactory, ClientFactory, GatewayFactory, broker_config
+from tests.conftest import (
+    BrokerFactory,
+    ClientFactory,
+    GatewayFactory,
+    broker_config,
+    wait_until,
+)
 
 
 async def _persisted(broker: Broker, channel: Channel, count: int, timeout: float = 15) -> None:
@@ -138,6 +146,50 @@ async def test_broker_down_then_up_persists_everything_and_purges_only_stored(
         assert len(page["items"]) == 40
     finally:
         await broker.stop()
+
+
+async def test_a_delivery_lost_in_flight_is_stored_after_ack_wait(
+    make_gateway: GatewayFactory, connect: ClientFactory, make_broker: BrokerFactory,
+    nats_server: NatsServer
+) -> None:
+    """A message JetStream delivered to a broker that never got it (its NATS node
+    died with the delivery on the wire) is only "unacked" to JetStream: it is
+    stored once ack_wait has passed. The consumer here was made by an older
+    release with ack_wait 30 s; the broker updates it."""
+    gw = await make_gateway()
+    a = await connect(gw, "alice")
+    await a.ok("room:join", "lobby")
+    await a.ok("chat:message", {"roomId": "lobby", "content": "lost on the wire"})
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        old = ConsumerConfig(name=subjects.PERSIST_CONSUMER,
+                             durable_name=subjects.PERSIST_CONSUMER,
+                             filter_subject=f"{subjects.ROOM_PREFIX}*",
+                             ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
+                             max_ack_pending=10000)
+        await js.add_consumer(subjects.ROOMS_STREAM, config=old)
+        psub = await js.pull_subscribe_bind(durable=subjects.PERSIST_CONSUMER,
+                                            stream=subjects.ROOMS_STREAM)
+        (lost,) = await psub.fetch(1, timeout=5)  # delivered, never acked
+        assert lost.metadata.sequence.stream == 1
+        await psub.unsubscribe()
+
+        broker = await make_broker()
+        started = asyncio.get_running_loop().time()
+
+        async def updated() -> bool:
+            info = await js.consumer_info(subjects.ROOMS_STREAM, subjects.PERSIST_CONSUMER)
+            return bool(info.config.ack_wait == ACK_WAIT_SECONDS)
+
+        await wait_until(updated, 5)
+        await _persisted(broker, Channel.room("lobby"), 1, timeout=ACK_WAIT_SECONDS + 5)
+        waited = asyncio.get_running_loop().time() - started
+        assert broker.persister is not None
+        assert broker.persister.metrics.redeliveries.labels(subjects.ROOMS_STREAM)._value.get() == 1
+        print(f"stored {waited:.1f} s after the broker started")
+    finally:
+        await nc.close()
 
 
 async def test_second_sqlite_broker_refuses_to_start(

@@ -59,6 +59,13 @@ MAX_QUERY_USERS = 100
 # A sync whose parts stop arriving is dropped after this; the next heartbeat
 # asks again.
 SYNC_ASSEMBLY_SECONDS = 10.0
+# Reports that arrive while a journal append is in flight share the next one
+# (group commit), up to this many bytes per entry: under nats-server's
+# max_payload (1 MiB) with room for two 256 KiB sync parts.
+MAX_ENTRY_BYTES = 512 * 1024
+# Reports waiting for the journal, at most: beyond it the subscription stops
+# taking them, and nats-py's pending limits apply.
+MAX_WAITING_REPORTS = 10_000
 
 
 class PresenceMetrics:
@@ -120,6 +127,13 @@ class PresenceService:
         # One input at a time, journaled then applied then announced, so the
         # journal's order is the order the state saw.
         self._lock = asyncio.Lock()
+        # Reports received and checked, waiting for the committer, which
+        # journals everything waiting in one append.
+        self._waiting: list[tuple[str, str, bytes, wire.Report]] = []
+        self._arrived = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self._committer: asyncio.Task[None] | None = None
         self._fenced = False
         # Stepping down: inputs are refused.
         self._closing = False
@@ -241,6 +255,8 @@ class PresenceService:
         self.metrics.active.set(1)
         log.info("presence service active", revision=self.revision, restored=saved is not None,
                  took_over=took_over, exact=exact)
+        self._waiting.clear()
+        self._committer = loop.create_task(self._commit_loop())
         self._subs.append(await self._nc.subscribe(subjects.PRESENCE_PREFIX + ">",
                                                    cb=self._on_report))
         await self._nc.publish(subjects.PRESENCE_SYNC_SUBJECT,
@@ -300,12 +316,18 @@ class PresenceService:
                     state.rebase(entry.now, clock)
                 else:
                     try:
-                        decoded = None if entry.kind == "tick" else \
-                            wire.decode(entry.kind, entry.report)
-                        self._apply(state, entry.kind, entry.gateway, decoded, entry.now)
-                    except wire.WireError as exc:
+                        inputs = journal.unbatch(entry)
+                    except ValueError as exc:
                         log.warning("bad presence journal entry skipped", seq=entry.seq,
                                     error=str(exc))
+                        inputs = []
+                    for kind, gateway, report in inputs:
+                        try:
+                            decoded = None if kind == "tick" else wire.decode(kind, report)
+                            self._apply(state, kind, gateway, decoded, entry.now)
+                        except wire.WireError as exc:
+                            log.warning("bad presence journal entry skipped", seq=entry.seq,
+                                        error=str(exc))
                 clock = entry.now
             self._syncs.clear()
         if state is None:
@@ -320,7 +342,15 @@ class PresenceService:
         # ones are refused, so unsubscribing cancels nothing half done.
         self._closing = True
         async with self._lock:
-            pass
+            # Holding the lock, the committer is between inputs.
+            if self._committer is not None:
+                self._committer.cancel()
+        if self._committer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+        self._waiting.clear()
+        self._has_room.set()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -406,43 +436,81 @@ class PresenceService:
             log.warning("malformed presence report dropped", subject=msg.subject[:200],
                         error=str(exc))
             return
-        try:
-            await self._input(kind, gateway, msg.data, report)
-        except Exception as exc:  # a callback's error would only reach nats-py's error_cb
-            log.error("presence report failed", subject=msg.subject[:200], error=repr(exc))
+        # Waits while the committer is far behind, so what waits stays bounded.
+        while len(self._waiting) >= MAX_WAITING_REPORTS:
+            self._has_room.clear()
+            await self._has_room.wait()
+        if self._closing or self._committer is None:
+            return  # stepping down: refused, as the committer would refuse it
+        self._waiting.append((kind, gateway, msg.data, report))
+        self._arrived.set()
 
-    async def _tick(self) -> None:
-        await self._input("tick", "")
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._waiting:
+                batch: list[tuple[str, str, bytes, wire.Report]] = []
+                size = 0
+                for item in self._waiting:
+                    if batch and size + len(item[2]) > MAX_ENTRY_BYTES:
+                        break
+                    batch.append(item)
+                    size += len(item[2])
+                del self._waiting[:len(batch)]
+                self._has_room.set()
+                try:
+                    await self._input(batch)
+                except Exception as exc:
+                    log.error("presence reports failed", count=len(batch), error=repr(exc))
 
-    async def _input(self, kind: str, gateway: str, raw: bytes = b"null",
-                     report: wire.Report | None = None) -> None:
-        """Journal one input, apply it, announce what it caused: in that order."""
+    async def _input(self, reports: list[tuple[str, str, bytes, wire.Report]]) -> None:
+        """Journal reports (one append for all), apply them, announce what they
+        caused: in that order."""
         async with self._lock:
             state, log_ = self.state, self._journal
             if state is None or log_ is None or self._fenced or self._closing:
                 return
             now = asyncio.get_running_loop().time()
-            if kind == "tick":
-                # Most ticks change nothing; only those that do are journaled.
-                if not state.tick_due(now):
-                    return
-                if not await self._append(log_, journal.encode(now, kind, gateway)):
-                    return
-                alive = state.alive_gateways()
-                events, needs_sync = state.tick(now), False
-                dead = alive - state.alive_gateways()
-                if dead:
-                    log.warning("gateways declared dead: no heartbeat",
-                                gateways=sorted(dead), silent_for=self._config.dead_after)
+            if len(reports) == 1:
+                kind, gateway, raw, _ = reports[0]
+                entry = journal.encode(now, kind, gateway, raw)
             else:
-                if not await self._append(log_, journal.encode(now, kind, gateway, raw)):
-                    return
-                events, needs_sync = self._apply(state, kind, gateway, report, now)
+                entry = journal.encode_batch(now, [(k, g, raw) for k, g, raw, _ in reports])
+            if not await self._append(log_, entry):
+                return
+            events: list[PresenceEvent] = []
+            resync: list[str] = []
+            for kind, gateway, _, report in reports:
+                caused, needs_sync = self._apply(state, kind, gateway, report, now)
+                events += caused
+                if needs_sync:
+                    resync.append(gateway)
             self._dirty = True
-            if needs_sync:
+            for gateway in resync:
                 await self._nc.publish(subjects.presence_sync_subject(gateway),
                                        wire.encode_sync_request(self.revision, "digest"),
                                        headers=self._fence())
+            await self._emit(events)
+
+    async def _tick(self) -> None:
+        async with self._lock:
+            state, log_ = self.state, self._journal
+            if state is None or log_ is None or self._fenced or self._closing:
+                return
+            now = asyncio.get_running_loop().time()
+            # Most ticks change nothing; only those that do are journaled.
+            if not state.tick_due(now):
+                return
+            if not await self._append(log_, journal.encode(now, "tick", "")):
+                return
+            alive = state.alive_gateways()
+            events = state.tick(now)
+            dead = alive - state.alive_gateways()
+            if dead:
+                log.warning("gateways declared dead: no heartbeat",
+                            gateways=sorted(dead), silent_for=self._config.dead_after)
+            self._dirty = True
             await self._emit(events)
 
     async def _append(self, log_: Journal, entry: bytes) -> bool:

@@ -36,6 +36,8 @@ MAX_BYTES = 256 * 1024 * 1024
 _PAGE = 1000
 # JetStream's error code for a wrong Nats-Expected-Last-Sequence.
 _WRONG_LAST_SEQUENCE = 10071
+# The kind of an entry holding several reports (``encode_batch``).
+BATCH = "batch"
 
 
 class Fenced(Exception):
@@ -50,7 +52,7 @@ class JournalGap(Exception):
 class Entry:
     seq: int
     now: float
-    kind: str  # a report kind (events, heartbeat, sync), "tick" or "takeover"
+    kind: str  # a report kind (events, heartbeat, sync), "batch", "tick" or "takeover"
     gateway: str
     report: Any
 
@@ -59,6 +61,28 @@ def encode(now: float, kind: str, gateway: str, report: bytes = b"null") -> byte
     """``report`` is the gateway's JSON message as received: embedded, not re-encoded."""
     head = json.dumps({"now": now, "kind": kind, "gateway": gateway})
     return head[:-1].encode() + b', "report": ' + report + b"}"
+
+
+def encode_batch(now: float, reports: list[tuple[str, str, bytes]]) -> bytes:
+    """Several reports received while the last append was in flight, as one
+    entry of kind ``batch``: ``report`` is ``[[kind, gateway, report], ...]``."""
+    items = [json.dumps([kind, gateway])[:-1].encode() + b", " + raw + b"]"
+             for kind, gateway, raw in reports]
+    return encode(now, BATCH, "", b"[" + b", ".join(items) + b"]")
+
+
+def unbatch(entry: Entry) -> list[tuple[str, str, Any]]:
+    """The (kind, gateway, report) inputs of an entry, in order."""
+    if entry.kind != BATCH:
+        return [(entry.kind, entry.gateway, entry.report)]
+    if not isinstance(entry.report, list):
+        raise ValueError("a batch entry without a list of reports")
+    out: list[tuple[str, str, Any]] = []
+    for item in entry.report:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError("a batch item is not [kind, gateway, report]")
+        out.append((str(item[0]), str(item[1]), item[2]))
+    return out
 
 
 class Journal:

@@ -12,8 +12,12 @@ from typing import Any
 
 import aiohttp
 import nats
+from prometheus_client import CollectorRegistry
 
-from broker import subjects
+from broker import presence_journal, subjects
+from broker import presence_wire as wire
+from broker.presence import PresenceService
+from broker.presence_journal import Journal
 from broker.service import Broker
 from tests.conftest import (
     FAST_PRESENCE,
@@ -290,3 +294,40 @@ async def test_events_from_a_replaced_service_are_dropped(
     assert alice.take("room:user_joined") == [] and alice.take("user:online") == []
     fenced = gw1.node.metrics.presence_fenced._value.get()
     assert fenced == 2
+
+
+async def test_reports_that_arrive_during_an_append_share_the_next_one(
+        make_broker: BrokerFactory, nats_server: Any) -> None:
+    """Group commit: a quiet gateway's reports (one change each), back to back,
+    are journaled in fewer entries than reports, and the journal replays to the
+    same state."""
+    broker = await make_broker(presence=dict(FAST_PRESENCE, snapshot_interval_seconds=3600,
+                                              missed_heartbeats=100))
+    await answering(broker)
+    presence = broker.presence
+    assert presence is not None and presence.state is not None
+    state = presence.state
+    users = [f"u{i}" for i in range(300)]
+    nc = await nats.connect(nats_server.url)
+    try:
+        for i, user in enumerate(users):
+            await nc.publish(subjects.presence_subject("events", "sim"),
+                             wire.encode_changes("sim", [wire.Change("connect", f"c{i}",
+                                                                     user, user)]))
+        await nc.flush()
+        await wait_until(lambda: all(state.is_online(u) for u in users))
+        log = Journal(nc, 1, 2.0)
+        entries = await log.after(0)
+        reports = [r for e in entries for r in presence_journal.unbatch(e)
+                   if r[0] == "events"]
+        assert len(reports) == len(users)
+        carrying = [e for e in entries if e.kind in ("events", presence_journal.BATCH)]
+        assert len(carrying) < len(users), "every report had its own append"
+        assert any(e.kind == presence_journal.BATCH for e in carrying)
+
+        replayed, exact = await PresenceService(
+            nc, presence._settings, "other", CollectorRegistry())._rebuild(None, log, 0.0)
+        assert exact and replayed is not None
+        assert all(replayed.socket_count(u) == 1 for u in users)
+    finally:
+        await nc.close()

@@ -5,10 +5,13 @@ replay once diverged, found in review."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+from broker import presence_journal
 from broker import presence_wire as wire
 from broker.presence import PresenceService
 from broker.presence_journal import Entry
@@ -69,3 +72,33 @@ async def test_a_journaled_tick_declares_the_same_death_on_replay() -> None:
     state, _ = await _service()._rebuild(saved, journal, 7.0)  # type: ignore[arg-type]
     assert state is not None
     assert not state.gateway_alive("g1") and not state.is_online("bob")
+
+
+async def test_a_batch_entry_replays_its_reports_in_order() -> None:
+    # Reports that arrived during one append share the next: alice connects on
+    # g1 and g2, then g1's tab closes. Replayed, she is online with one socket
+    # and nothing is left to announce.
+    reports = [
+        ("events", "g1", wire.encode_changes("g1", [wire.Change("connect", "c1", "alice",
+                                                                 "Alice")])),
+        ("events", "g2", wire.encode_changes("g2", [wire.Change("connect", "c2", "alice",
+                                                                 "Alice")])),
+        ("events", "g1", wire.encode_changes("g1", [wire.Change("disconnect", "c1", "alice",
+                                                                 "Alice")])),
+    ]
+    raw = json.loads(presence_journal.encode_batch(3.0, reports))
+    assert raw["kind"] == presence_journal.BATCH and len(raw["report"]) == 3
+    entry = Entry(2, raw["now"], raw["kind"], raw["gateway"], raw["report"])
+    assert [k for k, _, _ in presence_journal.unbatch(entry)] == ["events"] * 3
+    state, exact = await _service()._rebuild(
+        None, _Journal([Entry(1, 1.0, "takeover", "a", None), entry]), 9.0)  # type: ignore[arg-type]
+    assert exact and state is not None
+    assert state.is_online("alice")
+    assert state.socket_count("alice") == 1
+    assert state.tick(9.0 + 3600) == []
+
+
+def test_a_malformed_batch_entry_is_refused() -> None:
+    for report in ({"not": "a list"}, [["events", "g1"]], ["x"]):
+        with pytest.raises(ValueError):
+            presence_journal.unbatch(Entry(1, 1.0, presence_journal.BATCH, "", report))

@@ -81,8 +81,10 @@ class SimGateway:
         self.conns[conn] = (user, user, {room})
         self.digest.add_connection(conn, user, user)
         self.digest.add_room(conn, room)
-        return [wire.Change("connect", conn, user, user),
-                wire.Change("join", conn, user, user, room)]
+        return [
+            wire.Change("connect", conn, user, user),
+            wire.Change("join", conn, user, user, room),
+        ]
 
     def disconnect(self, conn: str) -> list[wire.Change]:
         user, name, rooms = self.conns.pop(conn)
@@ -92,8 +94,9 @@ class SimGateway:
         return [wire.Change("disconnect", conn, user, name)]
 
     async def send(self, changes: list[wire.Change]) -> None:
-        await self.nc.publish(subjects.presence_subject("events", self.name),
-                              wire.encode_changes(self.name, changes))
+        await self.nc.publish(
+            subjects.presence_subject("events", self.name), wire.encode_changes(self.name, changes)
+        )
 
     async def sync(self) -> None:
         for part in wire.encode_sync(self.name, self.conns):
@@ -101,25 +104,29 @@ class SimGateway:
 
     async def heartbeats(self) -> None:
         while self.beating:
-            await self.nc.publish(subjects.presence_subject("heartbeat", self.name),
-                                  wire.encode_heartbeat(self.name, self.digest.value,
-                                                        len(self.conns), HEARTBEAT))
+            await self.nc.publish(
+                subjects.presence_subject("heartbeat", self.name),
+                wire.encode_heartbeat(self.name, self.digest.value, len(self.conns), HEARTBEAT),
+            )
             self.last_beat = time.perf_counter()
             await asyncio.sleep(HEARTBEAT)
 
 
 async def online(nc: Nats, user: str) -> bool:
     try:
-        msg = await nc.request(subjects.PRESENCE_API_SUBJECT,
-                               json.dumps({"op": "users", "userIds": [user]}).encode(),
-                               timeout=5)
+        msg = await nc.request(
+            subjects.PRESENCE_API_SUBJECT,
+            json.dumps({"op": "users", "userIds": [user]}).encode(),
+            timeout=5,
+        )
     except Exception:
         return False
     return bool(json.loads(msg.data).get("online", {}).get(user))
 
 
-async def churn(nc: Nats, gateways: list[SimGateway], total: int, batch: int, pid: int,
-                tag: str) -> None:
+async def churn(
+    nc: Nats, gateways: list[SimGateway], total: int, batch: int, pid: int, tag: str
+) -> None:
     """``total`` inputs: each step disconnects a connection and connects (and joins)
     a new one for the same user, in messages of ``batch`` changes."""
     counter = 0
@@ -148,9 +155,11 @@ async def churn(nc: Nats, gateways: list[SimGateway], total: int, batch: int, pi
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - t0
     cpu = cpu_seconds(pid) - cpu0
-    print(f"churn ({tag}, {batch} per message): {sent} inputs in {elapsed:.2f} s = "
-          f"{sent / elapsed:,.0f} inputs/s; broker CPU {cpu:.2f} s = "
-          f"{sent / max(cpu, 1e-9):,.0f} inputs per CPU-second")
+    print(
+        f"churn ({tag}, {batch} per message): {sent} inputs in {elapsed:.2f} s = "
+        f"{sent / elapsed:,.0f} inputs/s; broker CPU {cpu:.2f} s = "
+        f"{sent / max(cpu, 1e-9):,.0f} inputs per CPU-second"
+    )
 
 
 async def main() -> None:
@@ -159,8 +168,7 @@ async def main() -> None:
     parser.add_argument("--rooms", type=int, default=1_000)
     parser.add_argument("--churn", type=int, default=30_000)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--single", type=int, default=3_000,
-                        help="inputs sent one per message")
+    parser.add_argument("--single", type=int, default=3_000, help="inputs sent one per message")
     parser.add_argument("--dead-users", type=int, default=5_000)
     args = parser.parse_args()
 
@@ -168,16 +176,22 @@ async def main() -> None:
     server = NatsServer(tmp / "nats")
     server.start()
     port = free_port()
-    env = env_without_rtgate({
-        "RTGATE_NATS__URLS": server.url, "RTGATE_BROKER__PORT": str(port),
-        "RTGATE_BROKER__STATE_DIR": str(tmp / "broker"), "RTGATE_BROKER__PERSIST": "false",
-        "RTGATE_PRESENCE__HEARTBEAT_SECONDS": str(HEARTBEAT),
-        "RTGATE_PRESENCE__MISSED_HEARTBEATS": str(MISSED),
-        "RTGATE_PRESENCE__GRACE_SECONDS": str(GRACE),
-        "RTGATE_PRESENCE__SETTLE_SECONDS": "0.2", "RTGATE_LOG__LEVEL": "warning",
-    })
+    env = env_without_rtgate(
+        {
+            "RTGATE_NATS__URLS": server.url,
+            "RTGATE_BROKER__PORT": str(port),
+            "RTGATE_BROKER__STATE_DIR": str(tmp / "broker"),
+            "RTGATE_BROKER__PERSIST": "false",
+            "RTGATE_PRESENCE__HEARTBEAT_SECONDS": str(HEARTBEAT),
+            "RTGATE_PRESENCE__MISSED_HEARTBEATS": str(MISSED),
+            "RTGATE_PRESENCE__GRACE_SECONDS": str(GRACE),
+            "RTGATE_PRESENCE__SETTLE_SECONDS": "0.2",
+            "RTGATE_LOG__LEVEL": "warning",
+        }
+    )
     broker = subprocess.Popen(  # noqa: ASYNC220 (started once, before any load)
-        [sys.executable, "-m", "rtgate.cli", "broker"], env=env)
+        [sys.executable, "-m", "rtgate.cli", "broker"], env=env
+    )
     nc = await nats.connect(server.url, pending_size=64 * 1024 * 1024)
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -196,9 +210,11 @@ async def main() -> None:
             await g.sync()
             tasks.append(asyncio.get_running_loop().create_task(g.heartbeats()))
         await until(lambda: _safe_metric(port, "rtgate_presence_connections") == args.users)
-        print(f"populate: {args.users} users in {args.rooms} rooms over 10 gateways applied "
-              f"in {time.perf_counter() - t0:.2f} s (broker CPU "
-              f"{cpu_seconds(broker.pid) - cpu0:.2f} s; gauges lag up to 0.25 s)")
+        print(
+            f"populate: {args.users} users in {args.rooms} rooms over 10 gateways applied "
+            f"in {time.perf_counter() - t0:.2f} s (broker CPU "
+            f"{cpu_seconds(broker.pid) - cpu0:.2f} s; gauges lag up to 0.25 s)"
+        )
 
         await churn(nc, gateways, args.churn, args.batch, broker.pid, "batched")
         await churn(nc, gateways, args.single, 1, broker.pid, "single")
@@ -218,8 +234,12 @@ async def main() -> None:
         await doomed.sync()
         beat = asyncio.get_running_loop().create_task(doomed.heartbeats())
         # The users, the two churn sentinels, the doomed gateway's users.
-        await until(lambda: _safe_metric(port, "rtgate_presence_connections")
-                    == args.users + 2 + args.dead_users)
+        await until(
+            lambda: (
+                _safe_metric(port, "rtgate_presence_connections")
+                == args.users + 2 + args.dead_users
+            )
+        )
         await asyncio.sleep(HEARTBEAT * 1.5)
         doomed.beating = False
         await beat
@@ -229,10 +249,12 @@ async def main() -> None:
         took = offline[-1] - last_beat
         bound = MISSED * HEARTBEAT + GRACE
         cpu = cpu_seconds(broker.pid) - cpu0
-        print(f"dead gateway: {args.dead_users} users offline {took:.2f} s after its last "
-              f"heartbeat (bound {bound:.1f} s + two 0.25 s ticks + publishing); first to "
-              f"last offline "
-              f"{offline[-1] - offline[0]:.3f} s; broker CPU {cpu:.2f} s")
+        print(
+            f"dead gateway: {args.dead_users} users offline {took:.2f} s after its last "
+            f"heartbeat (bound {bound:.1f} s + two 0.25 s ticks + publishing); first to "
+            f"last offline "
+            f"{offline[-1] - offline[0]:.3f} s; broker CPU {cpu:.2f} s"
+        )
         await sub.unsubscribe()
     finally:
         for g in gateways if "gateways" in locals() else []:
@@ -254,8 +276,11 @@ def _safe_metric(port: int, name: str) -> float:
 
 async def _answers(nc: Nats) -> bool:
     try:
-        msg = await nc.request(subjects.PRESENCE_API_SUBJECT,
-                               json.dumps({"op": "users", "userIds": []}).encode(), timeout=1)
+        msg = await nc.request(
+            subjects.PRESENCE_API_SUBJECT,
+            json.dumps({"op": "users", "userIds": []}).encode(),
+            timeout=1,
+        )
     except Exception:
         return False
     return "online" in json.loads(msg.data)

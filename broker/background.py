@@ -35,8 +35,7 @@ class Background:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", task=task.get_name(),
-                      error=repr(task.exception()))
+            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
 
     async def sleep(self, delay: float) -> bool:
         """Wait ``delay`` seconds; False once the owner is stopping (end the loop)."""

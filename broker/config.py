@@ -51,15 +51,20 @@ class StoreSettings:
     postgres_pool_size: int = 4
 
     def __post_init__(self) -> None:
-        require(self.backend in STORE_BACKENDS,
-                f"store.backend must be {' or '.join(STORE_BACKENDS)}")
-        require(self.backend != "postgres" or bool(self.postgres_dsn),
-                "store.postgres_dsn must be set when store.backend is postgres")
+        require(
+            self.backend in STORE_BACKENDS, f"store.backend must be {' or '.join(STORE_BACKENDS)}"
+        )
+        require(
+            self.backend != "postgres" or bool(self.postgres_dsn),
+            "store.postgres_dsn must be set when store.backend is postgres",
+        )
         # A DSN nothing uses is a half-done switch to PostgreSQL: the broker
         # would quietly keep writing to SQLite.
-        require(self.backend == "postgres" or not self.postgres_dsn,
-                "store.postgres_dsn is set but store.backend is sqlite; "
-                "set store.backend = \"postgres\" or remove the DSN")
+        require(
+            self.backend == "postgres" or not self.postgres_dsn,
+            "store.postgres_dsn is set but store.backend is sqlite; "
+            'set store.backend = "postgres" or remove the DSN',
+        )
         require(self.postgres_pool_size >= 1, "store.postgres_pool_size must be >= 1")
 
 

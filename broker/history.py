@@ -70,8 +70,9 @@ def _tail_subject(channel: Channel) -> str:
 
 
 class History:
-    def __init__(self, nc: Client, store: Store, persister: Persister,
-                 epochs: dict[str, str], timeout: float) -> None:
+    def __init__(
+        self, nc: Client, store: Store, persister: Persister, epochs: dict[str, str], timeout: float
+    ) -> None:
         self._nc = nc
         self._store = store
         self._persister = persister
@@ -79,8 +80,9 @@ class History:
         self._timeout = timeout
 
     async def serve(self) -> None:
-        await self._nc.subscribe(subjects.HISTORY_SUBJECT, queue=subjects.HISTORY_QUEUE,
-                                 cb=self._on_request)
+        await self._nc.subscribe(
+            subjects.HISTORY_SUBJECT, queue=subjects.HISTORY_QUEUE, cb=self._on_request
+        )
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -92,11 +94,11 @@ class History:
             log.exception("history request failed")
             body = {"error": {"code": "unavailable", "message": f"history failed: {exc!r}"}}
         if msg.reply:
-            await self._nc.publish(msg.reply, json.dumps(body, separators=(",", ":"),
-                                                         ensure_ascii=False).encode())
+            await self._nc.publish(
+                msg.reply, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            )
 
-    async def page(self, channel: Channel, cursor_text: str | None, limit: int
-                   ) -> dict[str, Any]:
+    async def page(self, channel: Channel, cursor_text: str | None, limit: int) -> dict[str, Any]:
         try:
             cursor = decode_cursor(cursor_text, channel) if cursor_text else None
         except CursorError as exc:
@@ -138,13 +140,15 @@ class History:
             result["nextCursor"] = encode_cursor(Cursor.at(channel, items[-1]))
         return result
 
-    async def _tail(self, channel: Channel, stream: str, epoch: str, floor: int
-                    ) -> list[StoredMessage]:
+    async def _tail(
+        self, channel: Channel, stream: str, epoch: str, floor: int
+    ) -> list[StoredMessage]:
         if not epoch:
             return []
         try:
-            run = await jsread.run_of(self._nc, stream, _tail_subject(channel), floor,
-                                      MAX_TAIL + 1, self._timeout)
+            run = await jsread.run_of(
+                self._nc, stream, _tail_subject(channel), floor, MAX_TAIL + 1, self._timeout
+            )
         except jsread.ReadError as exc:
             raise HistoryError("unavailable", f"stream read failed: {exc}") from exc
         if len(run) > MAX_TAIL:
@@ -157,18 +161,28 @@ class History:
                 continue
         return out
 
-    async def _with_prev(self, message: StoredMessage, page: list[StoredMessage],
-                         known_prev: dict[tuple[str, int], int]) -> dict[str, Any]:
+    async def _with_prev(
+        self,
+        message: StoredMessage,
+        page: list[StoredMessage],
+        known_prev: dict[tuple[str, int], int],
+    ) -> dict[str, Any]:
         """The event as delivered live: with prevOffset, the previous message on its subject."""
         known = known_prev.get((message.epoch, message.seq))
         if known is not None:
             event = dict(message.event)
             event["data"] = dict(event["data"], prevOffset=known)
             return event
-        older = [m.seq for m in page if m.subject == message.subject and m.epoch == message.epoch
-                 and m.seq < message.seq]
-        prev = max(older) if older else await self._store.prev_on_subject(
-            message.subject, message.epoch, message.seq)
+        older = [
+            m.seq
+            for m in page
+            if m.subject == message.subject and m.epoch == message.epoch and m.seq < message.seq
+        ]
+        prev = (
+            max(older)
+            if older
+            else await self._store.prev_on_subject(message.subject, message.epoch, message.seq)
+        )
         event = dict(message.event)
         event["data"] = dict(event["data"], prevOffset=prev)
         return event

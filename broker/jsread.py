@@ -51,8 +51,11 @@ def _stored(msg: Msg) -> Stored:
 async def get_one(nc: Client, stream: str, timeout: float, **request: Any) -> Msg | None:
     """One message (``seq=`` or ``last_by_subj=``), or None when there is none."""
     try:
-        msg = await nc.request(streams.direct_get_subject(stream),
-                               streams.direct_get_request(**request), timeout=timeout)
+        msg = await nc.request(
+            streams.direct_get_subject(stream),
+            streams.direct_get_request(**request),
+            timeout=timeout,
+        )
     except Exception as exc:
         raise ReadError(f"direct get on {stream} failed: {exc!r}") from exc
     status = _status(msg)
@@ -71,8 +74,15 @@ async def last_seq(nc: Client, stream: str, subject: str, timeout: float) -> int
     return int(msg.headers[subjects.HDR_SEQUENCE])
 
 
-async def run_of(nc: Client, stream: str, subject: str, after: int, limit: int,
-                 timeout: float, min_last_seq: int = 0) -> list[Stored]:
+async def run_of(
+    nc: Client,
+    stream: str,
+    subject: str,
+    after: int,
+    limit: int,
+    timeout: float,
+    min_last_seq: int = 0,
+) -> list[Stored]:
     """Up to ``limit`` messages on ``subject`` with sequence > ``after``, in order.
 
     ``min_last_seq`` makes a replica that has not caught up with that sequence
@@ -87,8 +97,9 @@ async def run_of(nc: Client, stream: str, subject: str, after: int, limit: int,
     sub = await nc.subscribe(inbox, pending_msgs_limit=limit + 16)
     out: list[Stored] = []
     try:
-        await nc.publish(streams.direct_get_subject(stream),
-                         streams.direct_get_request(**request), reply=inbox)
+        await nc.publish(
+            streams.direct_get_subject(stream), streams.direct_get_request(**request), reply=inbox
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

@@ -82,8 +82,11 @@ class Lease:
         """Extend the lease; False (and ``lost``) if it is no longer ours."""
         try:
             ack = await self._js.publish(
-                f"$KV.{BUCKET}.{self._key}", self._value, msg_ttl=self._ttl,
-                headers={"Nats-Expected-Last-Subject-Sequence": str(self._revision)})
+                f"$KV.{BUCKET}.{self._key}",
+                self._value,
+                msg_ttl=self._ttl,
+                headers={"Nats-Expected-Last-Subject-Sequence": str(self._revision)},
+            )
             self._revision = ack.seq
             return True
         except Exception as exc:

@@ -21,17 +21,27 @@ FILL_WARNING = 0.8
 
 class StreamMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.bytes = Gauge("rtgate_stream_bytes", "Bytes stored in a stream", ["stream"],
-                           registry=registry)
-        self.messages = Gauge("rtgate_stream_messages", "Messages stored in a stream",
-                              ["stream"], registry=registry)
-        self.fill = Gauge("rtgate_stream_fill_ratio",
-                          "Stream bytes over max_bytes (1.0 refuses publishes)", ["stream"],
-                          registry=registry)
+        self.bytes = Gauge(
+            "rtgate_stream_bytes", "Bytes stored in a stream", ["stream"], registry=registry
+        )
+        self.messages = Gauge(
+            "rtgate_stream_messages", "Messages stored in a stream", ["stream"], registry=registry
+        )
+        self.fill = Gauge(
+            "rtgate_stream_fill_ratio",
+            "Stream bytes over max_bytes (1.0 refuses publishes)",
+            ["stream"],
+            registry=registry,
+        )
 
-    async def poll(self, js: JetStreamContext, settings: StreamSettings,
-                   is_connected: Callable[[], bool], background: Background,
-                   on_info: Callable[[StreamInfo], None] | None = None) -> None:
+    async def poll(
+        self,
+        js: JetStreamContext,
+        settings: StreamSettings,
+        is_connected: Callable[[], bool],
+        background: Background,
+        on_info: Callable[[StreamInfo], None] | None = None,
+    ) -> None:
         """Refresh the gauges every ``stats_interval_seconds`` until the owner stops."""
         warned: set[str] = set()
         while not background.stopping:
@@ -51,9 +61,12 @@ class StreamMetrics:
                     self.fill.labels(spec.name).set(ratio)
                     if ratio >= FILL_WARNING and spec.name not in warned:
                         warned.add(spec.name)
-                        log.warning("stream nearly full; publishes will be refused when full",
-                                    stream=spec.name, bytes=used, max_bytes=spec.max_bytes)
+                        log.warning(
+                            "stream nearly full; publishes will be refused when full",
+                            stream=spec.name,
+                            bytes=used,
+                            max_bytes=spec.max_bytes,
+                        )
                     elif ratio < FILL_WARNING:
                         warned.discard(spec.name)
             await background.sleep(settings.stats_interval_seconds)
-

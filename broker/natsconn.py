@@ -40,13 +40,16 @@ def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
     if not settings.tls:
         return None
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=settings.tls_ca_file or None)
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca_file or None
+        )
         if settings.tls_cert_file:
             ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise NatsAuthError(f"nats TLS files (tls_ca_file={settings.tls_ca_file!r}, "
-                            f"tls_cert_file={settings.tls_cert_file!r}): {exc}") from exc
+        raise NatsAuthError(
+            f"nats TLS files (tls_ca_file={settings.tls_ca_file!r}, "
+            f"tls_cert_file={settings.tls_cert_file!r}): {exc}"
+        ) from exc
     return ctx
 
 
@@ -58,8 +61,10 @@ def auth_options(settings: NatsSettings) -> dict[str, object]:
         options["password"] = settings.password
     if settings.token:
         options["token"] = settings.token
-    for key, path in (("nkeys_seed", settings.nkey_seed_file),
-                      ("user_credentials", settings.creds_file)):
+    for key, path in (
+        ("nkeys_seed", settings.nkey_seed_file),
+        ("user_credentials", settings.creds_file),
+    ):
         if path:
             # nats-py reads these files only once the server asks: a missing
             # file would show up as a confusing error deep in the handshake.
@@ -82,8 +87,12 @@ def _is_fatal_at_start(exc: Exception) -> bool:
     if isinstance(exc, ssl.SSLError | nats_errors.AuthorizationError):
         return True
     text = str(exc).lower()
-    return "authorization violation" in text or "authentication" in text \
-        or "tls required" in text or "secure connection" in text
+    return (
+        "authorization violation" in text
+        or "authentication" in text
+        or "tls required" in text
+        or "secure connection" in text
+    )
 
 
 async def connect(
@@ -154,7 +163,8 @@ async def connect(
         raise NatsAuthError(
             f"nats-server at {', '.join(settings.urls)} refused the connection: {exc!r}. "
             "Check nats.user/password, token, nkey_seed_file, creds_file and the "
-            "tls_* files against the server's configuration.") from exc
+            "tls_* files against the server's configuration."
+        ) from exc
     connecting.result()
     fatal.cancel()
     try:
@@ -162,8 +172,7 @@ async def connect(
     except NatsVersionError:
         await nc.close()
         raise
-    log.info("nats connected", server=_server_url(nc),
-             version=str(nc.connected_server_version))
+    log.info("nats connected", server=_server_url(nc), version=str(nc.connected_server_version))
     return nc
 
 
@@ -205,8 +214,11 @@ async def close(nc: Client | None, timeout: float = 5.0) -> None:
         raise
     if not done:
         # Named while still registered: a cancelled drain closes and forgets them.
-        log.warning("nats drain stalled; closing", timeout=timeout,
-                    subscriptions=sorted({sub.subject for sub in nc._subs.values()}))
+        log.warning(
+            "nats drain stalled; closing",
+            timeout=timeout,
+            subscriptions=sorted({sub.subject for sub in nc._subs.values()}),
+        )
         drain.cancel()
         await asyncio.wait({drain})
     elif not drain.cancelled() and (exc := drain.exception()) is not None:

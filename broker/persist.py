@@ -44,40 +44,65 @@ PURGE_INTERVAL_SECONDS = 30.0
 
 class PersistMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.persisted = Counter("rtgate_broker_persisted_total",
-                                 "Messages written to the store", ["stream"], registry=registry)
-        self.lag = Gauge("rtgate_broker_persist_lag_messages",
-                         "Stream last sequence minus the persisted floor", ["stream"],
-                         registry=registry)
-        self.write_seconds = Histogram("rtgate_broker_store_write_seconds",
-                                       "One batch write to the store", registry=registry)
-        self.redeliveries = Counter("rtgate_broker_redeliveries_total",
-                                    "Messages JetStream delivered more than once",
-                                    ["stream"], registry=registry)
-        self.purged = Counter("rtgate_broker_purged_total",
-                              "Messages purged from a stream after persisting", ["stream"],
-                              registry=registry)
+        self.persisted = Counter(
+            "rtgate_broker_persisted_total",
+            "Messages written to the store",
+            ["stream"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "rtgate_broker_persist_lag_messages",
+            "Stream last sequence minus the persisted floor",
+            ["stream"],
+            registry=registry,
+        )
+        self.write_seconds = Histogram(
+            "rtgate_broker_store_write_seconds", "One batch write to the store", registry=registry
+        )
+        self.redeliveries = Counter(
+            "rtgate_broker_redeliveries_total",
+            "Messages JetStream delivered more than once",
+            ["stream"],
+            registry=registry,
+        )
+        self.purged = Counter(
+            "rtgate_broker_purged_total",
+            "Messages purged from a stream after persisting",
+            ["stream"],
+            registry=registry,
+        )
 
 
 def to_stored(stream: str, epoch: str, seq: int, subject: str, event: Any) -> StoredMessage:
     """A stream message as a store row; ValueError if it cannot be one."""
-    if not isinstance(event, dict) or not isinstance(event.get("data"), dict) \
-            or not isinstance(event.get("type"), str):
+    if (
+        not isinstance(event, dict)
+        or not isinstance(event.get("data"), dict)
+        or not isinstance(event.get("type"), str)
+    ):
         raise ValueError("not a {type, data} event")
     data: dict[str, Any] = event["data"]
     room_id = to_user = None
     if stream == subjects.ROOMS_STREAM:
-        room_id = subjects.decode_token(subject[len(subjects.ROOM_PREFIX):])
+        room_id = subjects.decode_token(subject[len(subjects.ROOM_PREFIX) :])
     elif stream == subjects.DIRECT_STREAM:
-        to_user = subjects.decode_token(subject[len(subjects.DIRECT_PREFIX):])
+        to_user = subjects.decode_token(subject[len(subjects.DIRECT_PREFIX) :])
     sender = data.get("userId", data.get("fromUserId"))
     # Stored as delivered live; prevOffset is added when read (see history).
     data.update(id=subjects.message_id(epoch, seq), offset=seq, epoch=epoch)
     return StoredMessage(
-        stream=stream, epoch=epoch, seq=seq, prev_seq=0, subject=subject,
-        kind=event["type"], room_id=room_id,
-        from_user=sender if isinstance(sender, str) else None, to_user=to_user,
-        event=event, stored_at=time.time())
+        stream=stream,
+        epoch=epoch,
+        seq=seq,
+        prev_seq=0,
+        subject=subject,
+        kind=event["type"],
+        room_id=room_id,
+        from_user=sender if isinstance(sender, str) else None,
+        to_user=to_user,
+        event=event,
+        stored_at=time.time(),
+    )
 
 
 async def _to_the_end(batch: Coroutine[Any, Any, None]) -> None:
@@ -118,9 +143,15 @@ async def _release(psub: JetStreamContext.PullSubscription) -> None:
 
 
 class Persister:
-    def __init__(self, nc: Client, store: Store, settings: StreamSettings,
-                 epochs: dict[str, str], background: Background,
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        store: Store,
+        settings: StreamSettings,
+        epochs: dict[str, str],
+        background: Background,
+        registry: CollectorRegistry,
+    ) -> None:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
         self._store = store
@@ -152,7 +183,8 @@ class Persister:
         # takes this release's settings; the same config again is a no-op.
         await self._js.add_consumer(spec.name, config=config)
         return await self._js.pull_subscribe_bind(
-            durable=subjects.PERSIST_CONSUMER, stream=spec.name)
+            durable=subjects.PERSIST_CONSUMER, stream=spec.name
+        )
 
     async def _run(self, spec: StreamSpec) -> None:
         psub: JetStreamContext.PullSubscription | None = None
@@ -163,8 +195,9 @@ class Persister:
                     try:
                         psub = await self._subscribe(spec)
                     except Exception as exc:
-                        log.warning("cannot bind the persist consumer", stream=spec.name,
-                                    error=repr(exc))
+                        log.warning(
+                            "cannot bind the persist consumer", stream=spec.name, error=repr(exc)
+                        )
                         await background.sleep(1)
                         continue
                 try:
@@ -193,13 +226,24 @@ class Persister:
             if msg.metadata.num_delivered > 1:
                 self.metrics.redeliveries.labels(stream).inc()
             try:
-                rows.append(to_stored(stream, epoch, int(msg.metadata.sequence.stream),
-                                      msg.subject, json.loads(msg.data)))
+                rows.append(
+                    to_stored(
+                        stream,
+                        epoch,
+                        int(msg.metadata.sequence.stream),
+                        msg.subject,
+                        json.loads(msg.data),
+                    )
+                )
                 kept.append(msg)
             except (ValueError, KeyError, TypeError) as exc:
                 # Not ours to keep (a backend published garbage): never retry it.
-                log.error("unstorable message", stream=stream, seq=msg.metadata.sequence.stream,
-                          error=str(exc))
+                log.error(
+                    "unstorable message",
+                    stream=stream,
+                    seq=msg.metadata.sequence.stream,
+                    error=str(exc),
+                )
                 await msg.term()
         if rows:
             started = time.perf_counter()
@@ -207,8 +251,12 @@ class Persister:
                 await self._write(rows, kept)
             except StoreError as exc:
                 # Not acked: JetStream redelivers after ack_wait; nothing is lost.
-                log.error("store write failed; will be redelivered", stream=stream,
-                          count=len(rows), error=str(exc))
+                log.error(
+                    "store write failed; will be redelivered",
+                    stream=stream,
+                    count=len(rows),
+                    error=str(exc),
+                )
                 await self._background.sleep(1)
                 return
             self.metrics.write_seconds.observe(time.perf_counter() - started)
@@ -257,15 +305,23 @@ class Persister:
         if floor == 0:
             return 0
         cutoff = datetime.datetime.fromtimestamp(
-            time.time() - self._settings.recovery_window_seconds, tz=datetime.UTC)
+            time.time() - self._settings.recovery_window_seconds, tz=datetime.UTC
+        )
         timeout = 2.0
-        newer = await jsread.get_one(self._nc, stream, timeout,
-                                     start_time=cutoff.isoformat().replace("+00:00", "Z"))
-        first_recent = int(newer.headers[subjects.HDR_SEQUENCE]) \
-            if newer is not None and newer.headers else floor + 1
+        newer = await jsread.get_one(
+            self._nc, stream, timeout, start_time=cutoff.isoformat().replace("+00:00", "Z")
+        )
+        first_recent = (
+            int(newer.headers[subjects.HDR_SEQUENCE])
+            if newer is not None and newer.headers
+            else floor + 1
+        )
         keep_from = min(floor + 1, first_recent)
-        reply = await self._nc.request(f"$JS.API.STREAM.PURGE.{stream}",
-                                       json.dumps({"seq": keep_from}).encode(), timeout=timeout)
+        reply = await self._nc.request(
+            f"$JS.API.STREAM.PURGE.{stream}",
+            json.dumps({"seq": keep_from}).encode(),
+            timeout=timeout,
+        )
         answer = json.loads(reply.data)
         if "error" in answer:
             raise RuntimeError(answer["error"].get("description", "purge refused"))

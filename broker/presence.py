@@ -70,27 +70,40 @@ MAX_WAITING_REPORTS = 10_000
 
 class PresenceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.users_online = Gauge("rtgate_presence_users_online",
-                                  "Users announced online (those in grace included)",
-                                  registry=registry)
-        self.connections = Gauge("rtgate_presence_connections",
-                                 "Live connections on gateways not declared dead",
-                                 registry=registry)
-        self.rooms = Gauge("rtgate_presence_rooms", "Rooms with at least one member",
-                           registry=registry)
-        self.gateways_alive = Gauge("rtgate_presence_gateways_alive",
-                                    "Gateways heard from within the heartbeat deadline",
-                                    registry=registry)
-        self.events = Counter("rtgate_presence_events", "Presence events published",
-                              ["type"], registry=registry)
-        self.failovers = Counter("rtgate_presence_failovers",
-                                 "Times this process took over from another presence service",
-                                 registry=registry)
-        self.active = Gauge("rtgate_presence_active",
-                            "1 while this process is the active presence service",
-                            registry=registry)
-        self.syncs = Counter("rtgate_presence_syncs",
-                             "Full states received from gateways", registry=registry)
+        self.users_online = Gauge(
+            "rtgate_presence_users_online",
+            "Users announced online (those in grace included)",
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "rtgate_presence_connections",
+            "Live connections on gateways not declared dead",
+            registry=registry,
+        )
+        self.rooms = Gauge(
+            "rtgate_presence_rooms", "Rooms with at least one member", registry=registry
+        )
+        self.gateways_alive = Gauge(
+            "rtgate_presence_gateways_alive",
+            "Gateways heard from within the heartbeat deadline",
+            registry=registry,
+        )
+        self.events = Counter(
+            "rtgate_presence_events", "Presence events published", ["type"], registry=registry
+        )
+        self.failovers = Counter(
+            "rtgate_presence_failovers",
+            "Times this process took over from another presence service",
+            registry=registry,
+        )
+        self.active = Gauge(
+            "rtgate_presence_active",
+            "1 while this process is the active presence service",
+            registry=registry,
+        )
+        self.syncs = Counter(
+            "rtgate_presence_syncs", "Full states received from gateways", registry=registry
+        )
         for kind in ("user:online", "user:offline", "room:user_joined", "room:user_left"):
             self.events.labels(kind)
 
@@ -103,16 +116,25 @@ class PresenceMetrics:
 
 
 class PresenceService:
-    def __init__(self, nc: Nats, settings: PresenceSettings, holder: str,
-                 registry: CollectorRegistry, replicas: int = 1, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        nc: Nats,
+        settings: PresenceSettings,
+        holder: str,
+        registry: CollectorRegistry,
+        replicas: int = 1,
+        timeout: float = 2.0,
+    ) -> None:
         self._nc = nc
         self._settings = settings
         self._replicas = replicas
         self._timeout = timeout
         self._holder = holder
-        self._config = PresenceConfig(grace_seconds=settings.grace_seconds,
-                                      heartbeat_seconds=settings.heartbeat_seconds,
-                                      missed_heartbeats=settings.missed_heartbeats)
+        self._config = PresenceConfig(
+            grace_seconds=settings.grace_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            missed_heartbeats=settings.missed_heartbeats,
+        )
         self.metrics = PresenceMetrics(registry)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -214,8 +236,9 @@ class PresenceService:
         self.revision = lease.token
         self._fenced = False
         loop = asyncio.get_running_loop()
-        self._journal = Journal(self._nc, self._replicas, self._timeout,
-                                f"{self._holder}/{lease.token}")
+        self._journal = Journal(
+            self._nc, self._replicas, self._timeout, f"{self._holder}/{lease.token}"
+        )
         await self._journal.open()
         saved = await self._load()
         # One clock reading for the rebuilt state and the takeover mark: a later
@@ -227,8 +250,10 @@ class PresenceService:
             self._quiet_until = 0.0
             ready_at = now + self._settings.settle_seconds
             if not exact:
-                log.warning("presence state rebuilt from an incomplete journal: events of "
-                            "the last moments before the takeover may be announced again")
+                log.warning(
+                    "presence state rebuilt from an incomplete journal: events of "
+                    "the last moments before the takeover may be announced again"
+                )
         elif self._journal.last_seq == 0:
             # The first presence service on this NATS: nobody was told anything.
             self.state = PresenceState(self._config)
@@ -242,8 +267,11 @@ class PresenceService:
             self.state = PresenceState(self._config)
             ready_at = now + self._settings.heartbeat_seconds + self._settings.settle_seconds
             self._quiet_until = ready_at
-            log.warning("presence state lost (no save, no journal): rebuilding from the "
-                        "gateways without announcing", quiet_seconds=ready_at - now)
+            log.warning(
+                "presence state lost (no save, no journal): rebuilding from the "
+                "gateways without announcing",
+                quiet_seconds=ready_at - now,
+            )
         took_over = self._other_seen or (saved is not None and saved.get("holder") != self._holder)
         if took_over:
             self.metrics.failovers.inc()
@@ -253,15 +281,23 @@ class PresenceService:
         # Fences the journal: a former service's next append fails.
         await self._journal.append(journal.encode(now, "takeover", self._holder))
         self.metrics.active.set(1)
-        log.info("presence service active", revision=self.revision, restored=saved is not None,
-                 took_over=took_over, exact=exact)
+        log.info(
+            "presence service active",
+            revision=self.revision,
+            restored=saved is not None,
+            took_over=took_over,
+            exact=exact,
+        )
         self._waiting.clear()
         self._committer = loop.create_task(self._commit_loop())
-        self._subs.append(await self._nc.subscribe(subjects.PRESENCE_PREFIX + ">",
-                                                   cb=self._on_report))
-        await self._nc.publish(subjects.PRESENCE_SYNC_SUBJECT,
-                               wire.encode_sync_request(self.revision, "takeover"),
-                               headers=self._fence())
+        self._subs.append(
+            await self._nc.subscribe(subjects.PRESENCE_PREFIX + ">", cb=self._on_report)
+        )
+        await self._nc.publish(
+            subjects.PRESENCE_SYNC_SUBJECT,
+            wire.encode_sync_request(self.revision, "takeover"),
+            headers=self._fence(),
+        )
         await self._nc.flush(timeout=2)
         self._dirty = True
         saved_at = now
@@ -273,9 +309,13 @@ class PresenceService:
                 return
             now = loop.time()
             if not self.answering and now >= ready_at:
-                self._subs.append(await self._nc.subscribe(
-                    subjects.PRESENCE_API_SUBJECT, queue=subjects.PRESENCE_API_QUEUE,
-                    cb=self._on_query))
+                self._subs.append(
+                    await self._nc.subscribe(
+                        subjects.PRESENCE_API_SUBJECT,
+                        queue=subjects.PRESENCE_API_QUEUE,
+                        cb=self._on_query,
+                    )
+                )
                 self.answering = True
                 log.info("presence service answering queries")
             await self._tick()
@@ -285,8 +325,9 @@ class PresenceService:
                 await self._save()
                 saved_at = now
 
-    async def _rebuild(self, saved: dict[str, Any] | None, log_: Journal, now: float
-                       ) -> tuple[PresenceState | None, bool]:
+    async def _rebuild(
+        self, saved: dict[str, Any] | None, log_: Journal, now: float
+    ) -> tuple[PresenceState | None, bool]:
         """The last service's state: its save, then its journal replayed with its own
         clock readings. ``exact`` is False when the journal could not be read whole."""
         after = 0
@@ -298,8 +339,9 @@ class PresenceService:
                 state = PresenceState.restore(saved["state"], clock, self._config)
                 after = int(saved.get("journalSeq", 0))
             except Exception as exc:
-                log.error("saved presence state is unreadable; starting without it",
-                          error=repr(exc))
+                log.error(
+                    "saved presence state is unreadable; starting without it", error=repr(exc)
+                )
                 state, clock, after = None, 0.0, 0
         try:
             entries = await log_.after(after)
@@ -318,16 +360,18 @@ class PresenceService:
                     try:
                         inputs = journal.unbatch(entry)
                     except ValueError as exc:
-                        log.warning("bad presence journal entry skipped", seq=entry.seq,
-                                    error=str(exc))
+                        log.warning(
+                            "bad presence journal entry skipped", seq=entry.seq, error=str(exc)
+                        )
                         inputs = []
                     for kind, gateway, report in inputs:
                         try:
                             decoded = None if kind == "tick" else wire.decode(kind, report)
                             self._apply(state, kind, gateway, decoded, entry.now)
                         except wire.WireError as exc:
-                            log.warning("bad presence journal entry skipped", seq=entry.seq,
-                                        error=str(exc))
+                            log.warning(
+                                "bad presence journal entry skipped", seq=entry.seq, error=str(exc)
+                            )
                 clock = entry.now
             self._syncs.clear()
         if state is None:
@@ -373,8 +417,7 @@ class PresenceService:
         try:
             store = await js.object_store(SNAPSHOT_BUCKET)
             result = await store.get(SNAPSHOT_OBJECT)
-        except (BucketNotFoundError, ObjectNotFoundError, ObjectDeletedError,
-                NotFoundError) as exc:
+        except (BucketNotFoundError, ObjectNotFoundError, ObjectDeletedError, NotFoundError) as exc:
             log.info("no saved presence state", reason=type(exc).__name__)
             return None
         # Anything else (a timeout) propagates: taking over without the save
@@ -382,8 +425,7 @@ class PresenceService:
         try:
             data: dict[str, Any] = json.loads(result.data or b"")
         except ValueError as exc:
-            log.error("saved presence state is unreadable; starting without it",
-                      error=repr(exc))
+            log.error("saved presence state is unreadable; starting without it", error=repr(exc))
             return None
         return data
 
@@ -404,9 +446,16 @@ class PresenceService:
             data = self.state.snapshot(clock)
             seq = self._journal.last_seq
             self._dirty = False
-        body = json.dumps({"holder": self._holder, "revision": self.revision,
-                           "savedAt": time.time(), "clock": clock, "journalSeq": seq,
-                           "state": data}).encode()
+        body = json.dumps(
+            {
+                "holder": self._holder,
+                "revision": self.revision,
+                "savedAt": time.time(),
+                "clock": clock,
+                "journalSeq": seq,
+                "state": data,
+            }
+        ).encode()
         js = self._nc.jetstream()
         try:
             try:
@@ -424,7 +473,7 @@ class PresenceService:
     # -- reports from gateways -------------------------------------------------
 
     async def _on_report(self, msg: Msg) -> None:
-        kind, _, token = msg.subject[len(subjects.PRESENCE_PREFIX):].partition(".")
+        kind, _, token = msg.subject[len(subjects.PRESENCE_PREFIX) :].partition(".")
         try:
             gateway = subjects.decode_token(token)
             # Strict UTF-8: json.loads also takes UTF-16 and BOMs, which the
@@ -433,8 +482,9 @@ class PresenceService:
             # Checked before it is journaled, and decoded once.
             report = wire.decode(kind, wire.parse(msg.data))
         except (ValueError, UnicodeDecodeError) as exc:
-            log.warning("malformed presence report dropped", subject=msg.subject[:200],
-                        error=str(exc))
+            log.warning(
+                "malformed presence report dropped", subject=msg.subject[:200], error=str(exc)
+            )
             return
         # Waits while the committer is far behind, so what waits stays bounded.
         while len(self._waiting) >= MAX_WAITING_REPORTS:
@@ -457,7 +507,7 @@ class PresenceService:
                         break
                     batch.append(item)
                     size += len(item[2])
-                del self._waiting[:len(batch)]
+                del self._waiting[: len(batch)]
                 self._has_room.set()
                 try:
                     await self._input(batch)
@@ -488,9 +538,11 @@ class PresenceService:
                     resync.append(gateway)
             self._dirty = True
             for gateway in resync:
-                await self._nc.publish(subjects.presence_sync_subject(gateway),
-                                       wire.encode_sync_request(self.revision, "digest"),
-                                       headers=self._fence())
+                await self._nc.publish(
+                    subjects.presence_sync_subject(gateway),
+                    wire.encode_sync_request(self.revision, "digest"),
+                    headers=self._fence(),
+                )
             await self._emit(events)
 
     async def _tick(self) -> None:
@@ -508,8 +560,11 @@ class PresenceService:
             events = state.tick(now)
             dead = alive - state.alive_gateways()
             if dead:
-                log.warning("gateways declared dead: no heartbeat",
-                            gateways=sorted(dead), silent_for=self._config.dead_after)
+                log.warning(
+                    "gateways declared dead: no heartbeat",
+                    gateways=sorted(dead),
+                    silent_for=self._config.dead_after,
+                )
             self._dirty = True
             await self._emit(events)
 
@@ -526,8 +581,9 @@ class PresenceService:
             log.warning("presence journal append failed", error=repr(exc))
         return True
 
-    def _apply(self, state: PresenceState, kind: str, gateway: str,
-               decoded: wire.Report | None, now: float) -> tuple[list[PresenceEvent], bool]:
+    def _apply(
+        self, state: PresenceState, kind: str, gateway: str, decoded: wire.Report | None, now: float
+    ) -> tuple[list[PresenceEvent], bool]:
         """One input to the state machine (a decoded report, None for a tick): its
         events, and whether to ask for a sync."""
         if kind == "tick" or decoded is None:
@@ -541,8 +597,9 @@ class PresenceService:
             return state.heartbeat(gateway, decoded, now)
         return self._on_changes(state, gateway, decoded, now), False
 
-    def _on_changes(self, state: PresenceState, gateway: str, changes: list[wire.Change],
-                    now: float) -> list[PresenceEvent]:
+    def _on_changes(
+        self, state: PresenceState, gateway: str, changes: list[wire.Change], now: float
+    ) -> list[PresenceEvent]:
         events: list[PresenceEvent] = []
         for c in changes:
             if c.kind == "connect":
@@ -555,8 +612,9 @@ class PresenceService:
                 events += state.leave(gateway, c.conn, c.room, now)
         return events
 
-    def _on_sync_part(self, state: PresenceState, gateway: str, part: wire.SyncPart,
-                      now: float) -> list[PresenceEvent]:
+    def _on_sync_part(
+        self, state: PresenceState, gateway: str, part: wire.SyncPart, now: float
+    ) -> list[PresenceEvent]:
         pending = self._syncs.get(gateway)
         parts: dict[int, wire.SyncPart] = {}
         if pending is not None and pending[0] == part.sync_id:
@@ -597,12 +655,19 @@ class PresenceService:
             body = json.dumps(wire.event_frame(event)).encode()
             if isinstance(event, RoomUserJoined | RoomUserLeft):
                 await self._nc.publish(
-                    subjects.live_room_subject(event.room), body,
-                    headers={subjects.HDR_PRESENCE_REVISION: fence,
-                             subjects.HDR_PRESENCE_USER: event.user})
+                    subjects.live_room_subject(event.room),
+                    body,
+                    headers={
+                        subjects.HDR_PRESENCE_REVISION: fence,
+                        subjects.HDR_PRESENCE_USER: event.user,
+                    },
+                )
             else:
-                await self._nc.publish(subjects.live_presence_user_subject(event.user), body,
-                                       headers={subjects.HDR_PRESENCE_REVISION: fence})
+                await self._nc.publish(
+                    subjects.live_presence_user_subject(event.user),
+                    body,
+                    headers={subjects.HDR_PRESENCE_REVISION: fence},
+                )
             self.metrics.events.labels(event.kind).inc()
 
     # -- queries ---------------------------------------------------------------
@@ -632,13 +697,14 @@ class PresenceService:
             if cursor is not None and not isinstance(cursor, str):
                 raise QueryError("bad_request", "cursor must be a string")
             limit = query.get("limit", MAX_PAGE)
-            if not isinstance(limit, int) or isinstance(limit, bool) or \
-                    not 1 <= limit <= MAX_PAGE:
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
                 raise QueryError("bad_request", f"limit must be 1 to {MAX_PAGE}")
             page = state.room_members(room, after=cursor or None, limit=limit + 1)
             out: dict[str, Any] = {
-                "members": [{"userId": m.user, "username": m.username,
-                             "socketCount": m.socket_count} for m in page[:limit]],
+                "members": [
+                    {"userId": m.user, "username": m.username, "socketCount": m.socket_count}
+                    for m in page[:limit]
+                ],
                 "count": state.room_count(room),
             }
             if len(page) > limit:
@@ -646,22 +712,31 @@ class PresenceService:
             return out
         if op == "users":
             users = query.get("userIds")
-            if not isinstance(users, list) or not all(isinstance(u, str) for u in users) \
-                    or len(users) > MAX_QUERY_USERS:
-                raise QueryError("bad_request",
-                                 f"userIds must be a list of at most {MAX_QUERY_USERS} strings")
+            if (
+                not isinstance(users, list)
+                or not all(isinstance(u, str) for u in users)
+                or len(users) > MAX_QUERY_USERS
+            ):
+                raise QueryError(
+                    "bad_request", f"userIds must be a list of at most {MAX_QUERY_USERS} strings"
+                )
             asker = query.get("asker")
             hidden: list[str] = []
             if isinstance(asker, str):
                 hidden = [u for u in users if u != asker and not state.shares_room(asker, u)]
-            return {"online": {u: state.is_online(u) for u in users if u not in hidden},
-                    "hidden": hidden}
+            return {
+                "online": {u: state.is_online(u) for u in users if u not in hidden},
+                "hidden": hidden,
+            }
         if op == "user":
             user = _query_str(query, "userId")
-            return {"userId": user, "online": state.is_online(user),
-                    "username": state.username(user) if state.is_online(user) else None,
-                    "socketCount": state.socket_count(user),
-                    "rooms": sorted(state.rooms_of(user))}
+            return {
+                "userId": user,
+                "online": state.is_online(user),
+                "username": state.username(user) if state.is_online(user) else None,
+                "socketCount": state.socket_count(user),
+                "rooms": sorted(state.rooms_of(user)),
+            }
         raise QueryError("bad_request", "op must be room, users or user")
 
 

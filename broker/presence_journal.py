@@ -66,8 +66,10 @@ def encode(now: float, kind: str, gateway: str, report: bytes = b"null") -> byte
 def encode_batch(now: float, reports: list[tuple[str, str, bytes]]) -> bytes:
     """Several reports received while the last append was in flight, as one
     entry of kind ``batch``: ``report`` is ``[[kind, gateway, report], ...]``."""
-    items = [json.dumps([kind, gateway])[:-1].encode() + b", " + raw + b"]"
-             for kind, gateway, raw in reports]
+    items = [
+        json.dumps([kind, gateway])[:-1].encode() + b", " + raw + b"]"
+        for kind, gateway, raw in reports
+    ]
     return encode(now, BATCH, "", b"[" + b", ".join(items) + b"]")
 
 
@@ -100,9 +102,16 @@ class Journal:
 
     async def open(self) -> None:
         config = StreamConfig(
-            name=STREAM, subjects=[SUBJECT], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=MAX_AGE_SECONDS,
-            max_bytes=MAX_BYTES, num_replicas=self._replicas, allow_direct=True)
+            name=STREAM,
+            subjects=[SUBJECT],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=MAX_AGE_SECONDS,
+            max_bytes=MAX_BYTES,
+            num_replicas=self._replicas,
+            allow_direct=True,
+        )
         try:
             info = await self._js.stream_info(STREAM)
         except NotFoundError:
@@ -119,9 +128,14 @@ class Journal:
         for _ in range(2):
             try:
                 ack = await self._js.publish(
-                    SUBJECT, entry, stream=STREAM,
-                    headers={"Nats-Expected-Last-Sequence": str(self.last_seq),
-                             "Nats-Msg-Id": msg_id})
+                    SUBJECT,
+                    entry,
+                    stream=STREAM,
+                    headers={
+                        "Nats-Expected-Last-Sequence": str(self.last_seq),
+                        "Nats-Msg-Id": msg_id,
+                    },
+                )
             except APIError as exc:
                 if exc.err_code != _WRONG_LAST_SEQUENCE:
                     raise
@@ -155,8 +169,15 @@ class Journal:
             page = await jsread.run_of(self._nc, STREAM, SUBJECT, seq, _PAGE, self._timeout)
             for stored in page:
                 e = stored.event
-                out.append(Entry(stored.seq, float(e["now"]), str(e["kind"]),
-                                 str(e["gateway"]), e.get("report")))
+                out.append(
+                    Entry(
+                        stored.seq,
+                        float(e["now"]),
+                        str(e["kind"]),
+                        str(e["gateway"]),
+                        e.get("report"),
+                    )
+                )
             if len(page) < _PAGE:
                 return out
             seq = page[-1].seq

@@ -117,6 +117,7 @@ class PresenceConfig:
 
 class ConnectionInfo(NamedTuple):
     """One connection as a gateway reports it in ``sync``; any 3-tuple works too."""
+
     user: str
     username: str
     rooms: frozenset[str]
@@ -134,10 +135,10 @@ class RoomMember(NamedTuple):
 
 
 class PresenceCounters(NamedTuple):
-    users_online: int       # announced online, users in grace included
-    connections: int        # live connections on gateways not declared dead
-    rooms: int              # rooms with at least one announced member
-    gateways_alive: int     # known gateways not declared dead
+    users_online: int  # announced online, users in grace included
+    connections: int  # live connections on gateways not declared dead
+    rooms: int  # rooms with at least one announced member
+    gateways_alive: int  # known gateways not declared dead
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +235,7 @@ class _Gateway:
 @dataclasses.dataclass(slots=True)
 class _User:
     """A user who is announced online: live connections, or in grace."""
+
     username: str
     sockets: int = 0
     # Live connection count per room (entries > 0 only).
@@ -266,8 +268,9 @@ class PresenceState:
 
     # -- inputs from gateways ------------------------------------------------
 
-    def connect(self, gateway: str, conn: str, user: str, username: str,
-                now: float) -> list[PresenceEvent]:
+    def connect(
+        self, gateway: str, conn: str, user: str, username: str, now: float
+    ) -> list[PresenceEvent]:
         """An authenticated connection appeared. A repeat for the same user only
         refreshes the username (a refreshed token may rename); a repeat for another
         user means the conn id was reused after a lost disconnect: replace it."""
@@ -319,8 +322,7 @@ class PresenceState:
         self._leave(gw, conn, c, room, now, events, graceful=False)
         return events
 
-    def heartbeat(self, gateway: str, digest: str,
-                  now: float) -> tuple[list[PresenceEvent], bool]:
+    def heartbeat(self, gateway: str, digest: str, now: float) -> tuple[list[PresenceEvent], bool]:
         """A gateway is alive; ``needs_sync`` says its state must be sent in full:
         it was declared dead, or the digest differs (lost events, a restart under
         the same id, a state machine rebuilt without it). Emits nothing today;
@@ -346,8 +348,10 @@ class PresenceState:
         so emits nothing, even without grace. Connections that are gone end
         with grace, like a disconnect; rooms a surviving connection no longer
         lists end without, like a leave."""
-        wanted = {conn: (user, username, _rooms_arg(rooms))
-                  for conn, (user, username, rooms) in full_state.items()}
+        wanted = {
+            conn: (user, username, _rooms_arg(rooms))
+            for conn, (user, username, rooms) in full_state.items()
+        }
         gw = self._gateways.get(gateway)
         if gw is None:
             gw = self._gateways[gateway] = _Gateway(last_seen=now)
@@ -450,8 +454,9 @@ class PresenceState:
         u = self._users.get(user)
         return u.username if u is not None else None
 
-    def room_members(self, room: str, after: str | None = None,
-                     limit: int | None = None) -> list[RoomMember]:
+    def room_members(
+        self, room: str, after: str | None = None, limit: int | None = None
+    ) -> list[RoomMember]:
         """Announced members sorted by user id, those in grace included (with
         ``socket_count`` 0). ``after`` (a user id) and ``limit`` page through large
         rooms: the next page starts after the last user id of the previous one."""
@@ -460,7 +465,7 @@ class PresenceState:
             return []
         ids = sorted(m for m in members if after is None or m > after)
         if limit is not None:
-            ids = ids[:max(0, limit)]
+            ids = ids[: max(0, limit)]
         result = []
         for user in ids:
             u = self._users[user]
@@ -485,8 +490,9 @@ class PresenceState:
             return False
         if len(ua.rooms) + len(ua.pending_rooms) > len(ub.rooms) + len(ub.pending_rooms):
             ua, ub = ub, ua
-        return any(room in ub.rooms or room in ub.pending_rooms
-                   for room in (*ua.rooms, *ua.pending_rooms))
+        return any(
+            room in ub.rooms or room in ub.pending_rooms for room in (*ua.rooms, *ua.pending_rooms)
+        )
 
     def counters(self) -> PresenceCounters:
         alive = sum(1 for gw in self._gateways.values() if gw.dead_since is None)
@@ -497,8 +503,10 @@ class PresenceState:
         gw = self._gateways.get(gateway)
         if gw is None:
             return {}
-        return {conn: ConnectionInfo(c.user, c.username, frozenset(c.rooms))
-                for conn, c in gw.conns.items()}
+        return {
+            conn: ConnectionInfo(c.user, c.username, frozenset(c.rooms))
+            for conn, c in gw.conns.items()
+        }
 
     def alive_gateways(self) -> set[str]:
         return {name for name, gw in self._gateways.items() if gw.dead_since is None}
@@ -523,8 +531,9 @@ class PresenceState:
                 # journaled ticks must declare deaths exactly when they happened.
                 "silent": max(0.0, now - gw.last_seen),
                 "deadFor": 0.0 if gw.dead_since is None else max(0.0, now - gw.dead_since),
-                "connections": {conn: [c.user, c.username, sorted(c.rooms)]
-                                for conn, c in gw.conns.items()},
+                "connections": {
+                    conn: [c.user, c.username, sorted(c.rooms)] for conn, c in gw.conns.items()
+                },
             }
         grace: dict[str, Any] = {}
         for user, u in self._users.items():
@@ -538,8 +547,9 @@ class PresenceState:
         return {"version": SNAPSHOT_VERSION, "gateways": gateways, "grace": grace}
 
     @classmethod
-    def restore(cls, data: Mapping[str, Any], now: float,
-                config: PresenceConfig | None = None) -> PresenceState:
+    def restore(
+        cls, data: Mapping[str, Any], now: float, config: PresenceConfig | None = None
+    ) -> PresenceState:
         """Rebuild from ``snapshot()``, emitting nothing: the snapshot's announced
         view is what observers already know. Exact, with ``now`` on the clock the
         snapshot was taken with (a journal replay continues on it); moving to
@@ -550,7 +560,8 @@ class PresenceState:
         state = cls(config)
         for name, entry in data["gateways"].items():
             gw = state._gateways[str(name)] = _Gateway(
-                last_seen=now - float(entry.get("silent", 0.0)))
+                last_seen=now - float(entry.get("silent", 0.0))
+            )
             if entry["dead"]:
                 gw.dead_since = now - float(entry.get("deadFor", 0.0))
                 continue
@@ -600,8 +611,9 @@ class PresenceState:
             for room in u.pending_rooms:
                 u.pending_rooms[room] += delta
         # A uniform shift keeps the heap order.
-        self._deadlines = [(at + delta, kind, user, room)
-                           for at, kind, user, room in self._deadlines]
+        self._deadlines = [
+            (at + delta, kind, user, room) for at, kind, user, room in self._deadlines
+        ]
 
     # -- internals -------------------------------------------------------------
 
@@ -630,8 +642,9 @@ class PresenceState:
         u.sockets += 1
         u.offline_at = None  # back within grace: cancel silently
 
-    def _add(self, gw: _Gateway, conn: str, user: str, username: str,
-             events: list[PresenceEvent]) -> None:
+    def _add(
+        self, gw: _Gateway, conn: str, user: str, username: str, events: list[PresenceEvent]
+    ) -> None:
         was_present = user in self._users
         self._attach(gw, conn, user, username)
         if not was_present:
@@ -645,8 +658,9 @@ class PresenceState:
         c.username = username
         self._users[c.user].username = username
 
-    def _join(self, gw: _Gateway, conn: str, c: _Conn, room: str,
-              events: list[PresenceEvent]) -> None:
+    def _join(
+        self, gw: _Gateway, conn: str, c: _Conn, room: str, events: list[PresenceEvent]
+    ) -> None:
         c.rooms.add(room)
         gw.digest.add_room(conn, room)
         u = self._users[c.user]
@@ -659,8 +673,16 @@ class PresenceState:
         self._rooms.setdefault(room, set()).add(c.user)
         events.append(RoomUserJoined(room, c.user, u.username))
 
-    def _leave(self, gw: _Gateway, conn: str, c: _Conn, room: str, now: float,
-               events: list[PresenceEvent], graceful: bool) -> None:
+    def _leave(
+        self,
+        gw: _Gateway,
+        conn: str,
+        c: _Conn,
+        room: str,
+        now: float,
+        events: list[PresenceEvent],
+        graceful: bool,
+    ) -> None:
         c.rooms.discard(room)
         gw.digest.remove_room(conn, room)
         u = self._users[c.user]
@@ -677,8 +699,15 @@ class PresenceState:
         else:
             self._announce_left(room, c.user, u.username, events)
 
-    def _detach(self, gw: _Gateway, conn: str, c: _Conn, now: float,
-                events: list[PresenceEvent], graceful: bool) -> None:
+    def _detach(
+        self,
+        gw: _Gateway,
+        conn: str,
+        c: _Conn,
+        now: float,
+        events: list[PresenceEvent],
+        graceful: bool,
+    ) -> None:
         """End a connection already removed from ``gw.conns``."""
         for room in sorted(c.rooms):
             self._leave(gw, conn, c, room, now, events, graceful)
@@ -706,8 +735,9 @@ class PresenceState:
             self._detach(gw, conn, c, now, events, graceful=True)
         gw.digest = GatewayDigest()
 
-    def _announce_left(self, room: str, user: str, username: str,
-                       events: list[PresenceEvent]) -> None:
+    def _announce_left(
+        self, room: str, user: str, username: str, events: list[PresenceEvent]
+    ) -> None:
         members = self._rooms.get(room)
         if members is not None:
             members.discard(user)

@@ -39,8 +39,7 @@ class Change:
     room: str = ""  # join and leave only
 
     def as_dict(self) -> dict[str, str]:
-        out = {"type": self.kind, "conn": self.conn, "userId": self.user,
-               "username": self.username}
+        out = {"type": self.kind, "conn": self.conn, "userId": self.user, "username": self.username}
         if self.room:
             out["roomId"] = self.room
         return out
@@ -62,15 +61,23 @@ def encode_changes(gateway: str, changes: Iterable[Change]) -> bytes:
 
 
 def encode_heartbeat(gateway: str, digest: str, connections: int, interval: float) -> bytes:
-    return json.dumps({"gateway": gateway, "digest": digest, "connections": connections,
-                       "intervalSeconds": interval}).encode()
+    return json.dumps(
+        {
+            "gateway": gateway,
+            "digest": digest,
+            "connections": connections,
+            "intervalSeconds": interval,
+        }
+    ).encode()
 
 
 def encode_sync(gateway: str, state: FullState) -> Iterator[bytes]:
     """The full state as one or more messages, in order; an empty state is one message."""
     sync_id = secrets.token_hex(8)
-    entries = [json.dumps([conn, user, username, sorted(rooms)])
-               for conn, (user, username, rooms) in state.items()]
+    entries = [
+        json.dumps([conn, user, username, sorted(rooms)])
+        for conn, (user, username, rooms) in state.items()
+    ]
     chunks: list[list[str]] = [[]]
     size = 0
     for entry in entries:
@@ -80,8 +87,7 @@ def encode_sync(gateway: str, state: FullState) -> Iterator[bytes]:
         chunks[-1].append(entry)
         size += len(entry) + 1
     for i, chunk in enumerate(chunks):
-        head = json.dumps({"gateway": gateway, "syncId": sync_id, "part": i,
-                           "parts": len(chunks)})
+        head = json.dumps({"gateway": gateway, "syncId": sync_id, "part": i, "parts": len(chunks)})
         # Built by hand so each entry is encoded once.
         yield (head[:-1] + ', "connections": [' + ",".join(chunk) + "]}").encode()
 
@@ -114,8 +120,15 @@ def decode_changes(obj: dict[str, Any]) -> list[Change]:
             raise WireError(f"unknown presence event {str(event)[:80]}")
         kind = event["type"]
         room = _str(event, "roomId") if kind in ("join", "leave") else ""
-        out.append(Change(kind, _str(event, "conn"), _str(event, "userId"),
-                          _str(event, "username", empty=True), room))
+        out.append(
+            Change(
+                kind,
+                _str(event, "conn"),
+                _str(event, "userId"),
+                _str(event, "username", empty=True),
+                room,
+            )
+        )
     return out
 
 
@@ -133,9 +146,13 @@ def decode_sync(obj: dict[str, Any]) -> SyncPart:
         raise WireError("'connections' must be a list")
     connections: dict[str, tuple[str, str, list[str]]] = {}
     for entry in raw:
-        if not (isinstance(entry, list) and len(entry) == 4
-                and all(isinstance(x, str) for x in entry[:3]) and isinstance(entry[3], list)
-                and all(isinstance(r, str) for r in entry[3])):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 4
+            and all(isinstance(x, str) for x in entry[:3])
+            and isinstance(entry[3], list)
+            and all(isinstance(r, str) for r in entry[3])
+        ):
             raise WireError("a connection must be [conn, userId, username, [roomIds]]")
         connections[entry[0]] = (entry[1], entry[2], entry[3])
     return SyncPart(_str(obj, "syncId"), part, parts, connections)

@@ -27,8 +27,11 @@ class Broker:
         self.config = config
         self.broker_id = config.broker_id
         self.registry = registry or CollectorRegistry()
-        self.nats_connected = Gauge("rtgate_broker_nats_connected",
-                                    "1 when the NATS connection is up", registry=self.registry)
+        self.nats_connected = Gauge(
+            "rtgate_broker_nats_connected",
+            "1 when the NATS connection is up",
+            registry=self.registry,
+        )
         self.stream_metrics = StreamMetrics(self.registry)
         self.epochs: dict[str, str] = {}
         self._nc: Nats | None = None
@@ -50,13 +53,22 @@ class Broker:
 
     async def start(self) -> None:
         self._nc = await natsconn.connect(
-            self.config.nats, f"rtgate-broker {self.broker_id}",
-            on_disconnected=self._down, on_reconnected=self._up)
+            self.config.nats,
+            f"rtgate-broker {self.broker_id}",
+            on_disconnected=self._down,
+            on_reconnected=self._up,
+        )
         self.nats_connected.set(1)
         await self._provision()
-        self.background.spawn(self.stream_metrics.poll(
-            self._nc.jetstream(), self.config.streams, lambda: self.connected, self.background,
-            self._on_stream_info))
+        self.background.spawn(
+            self.stream_metrics.poll(
+                self._nc.jetstream(),
+                self.config.streams,
+                lambda: self.connected,
+                self.background,
+                self._on_stream_info,
+            )
+        )
         self.store = await open_store(self.config)
         if self.config.store.backend == "sqlite" and self.config.broker.persist:
             # One SQLite file serves one broker: a second replica would persist
@@ -67,19 +79,27 @@ class Broker:
             except LeaseHeld as exc:
                 raise StoreError(
                     f"another broker ({exc}) already persists to SQLite on this NATS; "
-                    "several broker replicas need store.backend = \"postgres\"") from None
+                    'several broker replicas need store.backend = "postgres"'
+                ) from None
             self.background.spawn(self._lease.keep(self.background))
-        self.persister = Persister(self._nc, self.store, self.config.streams, self.epochs,
-                                   self.background, self.registry)
+        self.persister = Persister(
+            self._nc, self.store, self.config.streams, self.epochs, self.background, self.registry
+        )
         if self.config.broker.persist:
             self.persister.start()
-        self.history = History(self._nc, self.store, self.persister, self.epochs,
-                               self.config.nats.request_timeout)
+        self.history = History(
+            self._nc, self.store, self.persister, self.epochs, self.config.nats.request_timeout
+        )
         await self.history.serve()
         if self.config.presence.enabled:
-            self.presence = PresenceService(self._nc, self.config.presence, self.broker_id,
-                                            self.registry, self.config.streams.replicas,
-                                            self.config.nats.request_timeout)
+            self.presence = PresenceService(
+                self._nc,
+                self.config.presence,
+                self.broker_id,
+                self.registry,
+                self.config.streams.replicas,
+                self.config.nats.request_timeout,
+            )
             self.presence.start()
         log.info("broker started", broker_id=self.broker_id, epochs=self.epochs)
 

@@ -26,8 +26,9 @@ T = TypeVar("T")
 
 # Sections of every rtgate service. A service skips the others' sections, so
 # one file or one environment can serve both; any other name is a typo.
-ALL_SECTIONS = frozenset({"server", "auth", "limits", "edge", "nats", "streams", "log",
-                          "broker", "store", "presence"})
+ALL_SECTIONS = frozenset(
+    {"server", "auth", "limits", "edge", "nats", "streams", "log", "broker", "store", "presence"}
+)
 
 
 class ConfigError(Exception):
@@ -64,17 +65,29 @@ class NatsSettings:
     def __post_init__(self) -> None:
         # A half-set pair would connect without the credential the operator
         # meant to give and fail later as a puzzling authorization violation.
-        require(bool(self.user) == bool(self.password),
-                "nats.user and nats.password must be set together")
-        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
-                "nats.tls_cert_file and nats.tls_key_file must be set together")
-        methods = [name for name, value in (
-            ("user/password", self.user), ("token", self.token),
-            ("nkey_seed_file", self.nkey_seed_file), ("creds_file", self.creds_file))
-            if value]
-        require(len(methods) <= 1,
-                f"nats: set only one of user/password, token, nkey_seed_file and creds_file "
-                f"(got {', '.join(methods)})")
+        require(
+            bool(self.user) == bool(self.password),
+            "nats.user and nats.password must be set together",
+        )
+        require(
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "nats.tls_cert_file and nats.tls_key_file must be set together",
+        )
+        methods = [
+            name
+            for name, value in (
+                ("user/password", self.user),
+                ("token", self.token),
+                ("nkey_seed_file", self.nkey_seed_file),
+                ("creds_file", self.creds_file),
+            )
+            if value
+        ]
+        require(
+            len(methods) <= 1,
+            f"nats: set only one of user/password, token, nkey_seed_file and creds_file "
+            f"(got {', '.join(methods)})",
+        )
 
     @property
     def tls(self) -> bool:
@@ -138,14 +151,19 @@ class PresenceSettings:
         require(self.heartbeat_seconds > 0, "presence.heartbeat_seconds must be > 0")
         require(self.missed_heartbeats >= 1, "presence.missed_heartbeats must be >= 1")
         require(self.grace_seconds >= 0, "presence.grace_seconds must be >= 0")
-        require(self.visibility in PRESENCE_POLICIES,
-                f"presence.visibility must be {' or '.join(PRESENCE_POLICIES)}")
-        require(self.direct_messages in PRESENCE_POLICIES,
-                f"presence.direct_messages must be {' or '.join(PRESENCE_POLICIES)}")
+        require(
+            self.visibility in PRESENCE_POLICIES,
+            f"presence.visibility must be {' or '.join(PRESENCE_POLICIES)}",
+        )
+        require(
+            self.direct_messages in PRESENCE_POLICIES,
+            f"presence.direct_messages must be {' or '.join(PRESENCE_POLICIES)}",
+        )
         require(1 <= self.max_watched <= 10000, "presence.max_watched must be 1..10000")
         require(self.lease_ttl_seconds >= 2, "presence.lease_ttl_seconds must be >= 2")
-        require(self.snapshot_interval_seconds > 0,
-                "presence.snapshot_interval_seconds must be > 0")
+        require(
+            self.snapshot_interval_seconds > 0, "presence.snapshot_interval_seconds must be > 0"
+        )
         require(self.settle_seconds >= 0, "presence.settle_seconds must be >= 0")
 
 
@@ -156,14 +174,18 @@ class LogSettings:
     format: str = "auto"
 
     def __post_init__(self) -> None:
-        require(self.level.lower() in ("debug", "info", "warning", "error"),
-                "log.level must be debug, info, warning or error")
-        require(self.format in ("auto", "json", "console"),
-                "log.format must be auto, json or console")
+        require(
+            self.level.lower() in ("debug", "info", "warning", "error"),
+            "log.level must be debug, info, warning or error",
+        )
+        require(
+            self.format in ("auto", "json", "console"), "log.format must be auto, json or console"
+        )
 
 
-def load(cls: type[T], path: str | os.PathLike[str] | None = None,
-         env: Mapping[str, str] | None = None) -> T:
+def load(
+    cls: type[T], path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> T:
     """Build ``cls`` (a dataclass of section dataclasses) from file and environment."""
     environ = os.environ if env is None else env
     if path is None:
@@ -188,7 +210,7 @@ def _apply_env(cls: type[Any], raw: dict[str, Any], environ: Mapping[str, str]) 
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name or name == CONFIG_ENV:
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if section not in sections:
             if section in ALL_SECTIONS:
                 continue

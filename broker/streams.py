@@ -109,9 +109,11 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> dict
         try:
             infos[spec.name] = await js.update_stream(config)
         except Exception as exc:
-            raise StreamError(f"cannot update stream {spec.name} to this configuration "
-                              f"(some settings, like replicas or storage, cannot change "
-                              f"in place): {exc}") from exc
+            raise StreamError(
+                f"cannot update stream {spec.name} to this configuration "
+                f"(some settings, like replicas or storage, cannot change "
+                f"in place): {exc}"
+            ) from exc
     return infos
 
 

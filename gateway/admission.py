@@ -35,8 +35,7 @@ def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
-def client_address(peer: str, forwarded_for: str | None,
-                   trusted: tuple[IPNetwork, ...]) -> str:
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
     """The client's address: the peer, unless the peer is a trusted proxy.
 
     Behind trusted proxies, ``X-Forwarded-For`` is read from the right and the
@@ -69,8 +68,9 @@ class _Address:
 class AddressLimits:
     """Open connections and handshake rate per client address."""
 
-    def __init__(self, max_connections: int, handshakes_per_second: float,
-                 handshake_burst: int) -> None:
+    def __init__(
+        self, max_connections: int, handshakes_per_second: float, handshake_burst: int
+    ) -> None:
         self._max_connections = max_connections
         self._rate = handshakes_per_second
         self._burst = handshake_burst
@@ -101,8 +101,9 @@ class AddressLimits:
 
     def sweep(self, now: float, idle: float) -> None:
         """Forget addresses with no connections that have been quiet for ``idle`` seconds."""
-        stale = [a for a, e in self._addresses.items()
-                 if e.connections == 0 and now - e.seen >= idle]
+        stale = [
+            a for a, e in self._addresses.items() if e.connections == 0 and now - e.seen >= idle
+        ]
         for address in stale:
             del self._addresses[address]
 

@@ -23,9 +23,15 @@ from gateway.errors import ErrorCode, ProtocolError
 from gateway.node import Node
 
 _STATUS = {
-    ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_FRAME: 400, ErrorCode.UNAUTHENTICATED: 401,
-    ErrorCode.FORBIDDEN: 403, ErrorCode.TOO_LARGE: 413, ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.LIMIT_EXCEEDED: 429, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.LIMIT_EXCEEDED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
 }
 API_ORIGIN = "api"
 _CATCH_ALL = "/api/{tail:.*}"
@@ -48,14 +54,14 @@ def add_routes(app: web.Application, node_key: web.AppKey[Node]) -> None:
     wrapper frame that lives as long as the connection (~0.4 KiB each).
     """
 
-    def guarded(handler: Callable[[web.Request, Node], Awaitable[web.StreamResponse]]
-                ) -> Handler:
+    def guarded(handler: Callable[[web.Request, Node], Awaitable[web.StreamResponse]]) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             node = request.config_dict[node_key]
             key = node.config.server.api_key
             if not key:
-                return error_response(403, ErrorCode.FORBIDDEN,
-                                      "the server API is disabled: set server.api_key")
+                return error_response(
+                    403, ErrorCode.FORBIDDEN, "the server API is disabled: set server.api_key"
+                )
             header = request.headers.get("Authorization", "")
             given = header[7:].strip() if header[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -143,26 +149,33 @@ async def publish(request: web.Request, node: Node) -> web.StreamResponse:
         target = durable.room_event(event.room_id)
         data = durable.event_body(event.room_id, event.event, event.data, user_id, username)
         if not event.durable:
-            payload = durable.payload({"type": "room:event", "data": data},
-                                      node.config.limits.max_frame_bytes)
-            await node.publish_ephemeral(subjects.live_room_subject(event.room_id), payload,
-                                         API_ORIGIN)
+            payload = durable.payload(
+                {"type": "room:event", "data": data}, node.config.limits.max_frame_bytes
+            )
+            await node.publish_ephemeral(
+                subjects.live_room_subject(event.room_id), payload, API_ORIGIN
+            )
             return web.json_response({})
     else:
         chat = protocol.chat_message(body, max_content)
         target = durable.chat(chat.room_id)
         data = durable.chat_body(chat.room_id, user_id, username, chat.content)
-    result = await durable.store(node, target, data, user_id=user_id, client_id=client_id,
-                                 origin=API_ORIGIN)
+    result = await durable.store(
+        node, target, data, user_id=user_id, client_id=client_id, origin=API_ORIGIN
+    )
     return web.json_response(result)
 
 
 def _ban_seconds(body: dict[str, Any], default: float) -> float:
     value = body.get("banSeconds", default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or \
-            not 0 <= value <= MAX_BAN_SECONDS:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f"banSeconds must be a number from 0 to {MAX_BAN_SECONDS}")
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value <= MAX_BAN_SECONDS
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"banSeconds must be a number from 0 to {MAX_BAN_SECONDS}"
+        )
     return float(value)
 
 
@@ -174,23 +187,29 @@ async def disconnect_user(request: web.Request, node: Node) -> web.StreamRespons
     reconnect = body.get("reconnect")
     reason = body.get("reason", "disconnected by the server")
     if not isinstance(reconnect, bool) or not isinstance(reason, str):
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            "reconnect (a boolean) is required; reason must be a string")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "reconnect (a boolean) is required; reason must be a string"
+        )
     denied_for = 0.0
     if not reconnect:
         # Until the longest token lifetime by default: the same token cannot come back.
         denied_for = _ban_seconds(body, node.config.auth.deny_seconds)
         if denied_for > 0:
             await node.put_ban(bans.user_key(user_id), denied_for, reason)
-    command: dict[str, Any] = {"type": "disconnect", "reconnect": reconnect,
-                               "reason": reason[:100], "code": 1012 if reconnect else 4403}
+    command: dict[str, Any] = {
+        "type": "disconnect",
+        "reconnect": reconnect,
+        "reason": reason[:100],
+        "code": 1012 if reconnect else 4403,
+    }
     if denied_for > 0:
         # Also in the command: the bucket watch may reach other gateways later
         # than this message, and the user must not slip back in between.
         command["deniedUntil"] = time.time() + denied_for
     await node.control(subjects.control_user_subject(user_id), command)
-    return web.json_response({"userId": user_id, "reconnect": reconnect,
-                              "deniedSeconds": denied_for})
+    return web.json_response(
+        {"userId": user_id, "reconnect": reconnect, "deniedSeconds": denied_for}
+    )
 
 
 async def kick(request: web.Request, node: Node) -> web.StreamResponse:
@@ -230,8 +249,7 @@ async def room_messages(request: web.Request, node: Node) -> web.StreamResponse:
     room, cursor, limit = protocol.history_page(_page_query(request, room_id))
     assert room is not None
     page = await node.history({"kind": "room", "id": room}, cursor, limit)
-    return web.Response(text=json.dumps(page, ensure_ascii=False),
-                        content_type="application/json")
+    return web.Response(text=json.dumps(page, ensure_ascii=False), content_type="application/json")
 
 
 async def room_presence(request: web.Request, node: Node) -> web.StreamResponse:

@@ -28,9 +28,13 @@ HANDLE_SIGNALS = web.AppKey("handle_signals", bool)
 NOTIFIER = web.AppKey("notifier", Notifier)
 
 
-def create_app(config: GatewayConfig, registry: CollectorRegistry | None = None,
-               *, handle_signals: bool = False, notifier: Notifier | None = None
-               ) -> web.Application:
+def create_app(
+    config: GatewayConfig,
+    registry: CollectorRegistry | None = None,
+    *,
+    handle_signals: bool = False,
+    notifier: Notifier | None = None,
+) -> web.Application:
     """``handle_signals``: SIGTERM drains (the process's own server, not tests).
 
     ``notifier`` is told STOPPING when SIGTERM starts the drain (systemd).
@@ -75,11 +79,15 @@ async def _start(app: web.Application) -> None:
     node = app[NODE]
     hmac = any(a.startswith("HS") for a in node.config.auth.algorithms)
     if hmac and node.config.auth.secret == DEV_SECRET:
-        log.warning("auth.secret is the built-in development secret: anyone can mint tokens. "
-                    "Set RTGATE_AUTH__SECRET before exposing this gateway.")
+        log.warning(
+            "auth.secret is the built-in development secret: anyone can mint tokens. "
+            "Set RTGATE_AUTH__SECRET before exposing this gateway."
+        )
     if node.config.server.dev_allow_user_param:
-        log.warning("DEV MODE: server.dev_allow_user_param is on; ?user= connects without a "
-                    "token. Never enable this in production.")
+        log.warning(
+            "DEV MODE: server.dev_allow_user_param is on; ?user= connects without a "
+            "token. Never enable this in production."
+        )
     await node.start()
     if app[HANDLE_SIGNALS]:
         loop = asyncio.get_running_loop()
@@ -115,8 +123,6 @@ async def _close_sockets(app: web.Application) -> None:
 
 async def _stop(app: web.Application) -> None:
     await app[NODE].stop()
-
-
 
 
 def _handshake_token(request: web.Request) -> str | None:
@@ -163,13 +169,18 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return error_response(401, ErrorCode.UNAUTHENTICATED, str(exc))
     if identity is not None and node.bans.denied(identity.user_id, time.time()) is not None:
         node.metrics.connections_total.labels("denied").inc()
-        return error_response(403, ErrorCode.FORBIDDEN, "this user has been disconnected by "
-                              "the server and may not reconnect yet")
+        return error_response(
+            403,
+            ErrorCode.FORBIDDEN,
+            "this user has been disconnected by the server and may not reconnect yet",
+        )
     if identity is None and node.unauthenticated >= cfg.edge.max_unauthenticated:
         node.metrics.connections_total.labels("unauthenticated_limit").inc()
-        return error_response(503, ErrorCode.LIMIT_EXCEEDED,
-                              "too many unauthenticated connections; authenticate in the "
-                              "handshake or retry later")
+        return error_response(
+            503,
+            ErrorCode.LIMIT_EXCEEDED,
+            "too many unauthenticated connections; authenticate in the handshake or retry later",
+        )
 
     ws = web.WebSocketResponse(
         protocols=tuple(codec.SUBPROTOCOLS.values()),
@@ -207,10 +218,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         node.addresses.closed(address)
         node.metrics.connections.dec()
         closing = client.closing
-        log.info("disconnected", conn_id=client.conn_id, user_id=client.user_id or None,
-                 remote=address, duration=round(time.monotonic() - started, 3),
-                 code=closing.code if closing is not None else ws.close_code,
-                 reason=closing.reason if closing is not None else "closed by client")
+        log.info(
+            "disconnected",
+            conn_id=client.conn_id,
+            user_id=client.user_id or None,
+            remote=address,
+            duration=round(time.monotonic() - started, 3),
+            code=closing.code if closing is not None else ws.close_code,
+            reason=closing.reason if closing is not None else "closed by client",
+        )
     return ws
 
 

@@ -44,9 +44,24 @@ Handler = Callable[["Client", protocol.Frame], Awaitable[Any]]
 class Client:
     # Thousands of these live per process: slots keep each one small.
     __slots__ = (
-        "_bad_frames", "_bucket", "_refusals", "_timers", "closing", "conn_id", "fmt", "holds",
-        "identity", "key", "node", "opened_at", "remote", "rooms", "user_id", "watching",
-        "writer", "ws",
+        "_bad_frames",
+        "_bucket",
+        "_refusals",
+        "_timers",
+        "closing",
+        "conn_id",
+        "fmt",
+        "holds",
+        "identity",
+        "key",
+        "node",
+        "opened_at",
+        "remote",
+        "rooms",
+        "user_id",
+        "watching",
+        "writer",
+        "ws",
     )
 
     def __init__(
@@ -70,8 +85,9 @@ class Client:
         self.rooms: set[str] = set()
         # Users this connection watches (presence:subscribe); None for most.
         self.watching: set[str] | None = None
-        self.writer = Writer(transport, node.flusher, limits.outbox_frames, limits.outbox_bytes,
-                             self._on_overflow)
+        self.writer = Writer(
+            transport, node.flusher, limits.outbox_frames, limits.outbox_bytes, self._on_overflow
+        )
         self.closing: Disconnect | None = None
         self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, time.monotonic())
         self._bad_frames = 0
@@ -90,8 +106,9 @@ class Client:
         if identity is not None:
             await self._authenticate(identity)
         else:
-            self._set_timer("auth", self.node.config.auth.timeout_seconds,
-                            self.close, disconnect.AUTH_TIMEOUT)
+            self._set_timer(
+                "auth", self.node.config.auth.timeout_seconds, self.close, disconnect.AUTH_TIMEOUT
+            )
 
     def close(self, reason: Disconnect) -> None:
         """Close with ``reason``: what is queued goes out first (an error frame that
@@ -154,8 +171,7 @@ class Client:
         counters = self.node.metrics.frames_by_type
         counters.get(kind, counters["unknown"]).inc()
         if not allowed:
-            self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED,
-                                            "too many frames, slow down"))
+            self._fail(frame, ProtocolError(ErrorCode.RATE_LIMITED, "too many frames, slow down"))
             if self._refusals.refused(time.monotonic()):
                 self.close(disconnect.POLICY_RATE)
             return
@@ -253,8 +269,15 @@ class Client:
             for room_id in sorted(self.rooms):
                 if not identity.may_join(room_id):
                     self.node.hub.leave(self, room_id)
-                    self.send({"type": "room:removed", "data": {
-                        "roomId": room_id, "reason": "token no longer allows this room"}})
+                    self.send(
+                        {
+                            "type": "room:removed",
+                            "data": {
+                                "roomId": room_id,
+                                "reason": "token no longer allows this room",
+                            },
+                        }
+                    )
             return
         if self._over_user_cap(identity.user_id):
             self.close(disconnect.TOO_MANY_CONNECTIONS)
@@ -265,8 +288,7 @@ class Client:
             log.warning("inbox subscription failed", user_id=identity.user_id, error=repr(exc))
             self.close(disconnect.UNAVAILABLE)
             return
-        log.info("connected", conn_id=self.conn_id, user_id=identity.user_id,
-                 remote=self.remote)
+        log.info("connected", conn_id=self.conn_id, user_id=identity.user_id, remote=self.remote)
         self.send({"type": "welcome", "data": self._welcome()})
 
     def remove_from_room(self, room_id: str, reason: str) -> None:
@@ -285,12 +307,19 @@ class Client:
             return
         auth = self.node.config.auth
         now = time.time()
-        self._set_timer("expiry", max(0.0, expires + auth.leeway_seconds - now),
-                        self.close, disconnect.TOKEN_EXPIRED)
+        self._set_timer(
+            "expiry",
+            max(0.0, expires + auth.leeway_seconds - now),
+            self.close,
+            disconnect.TOKEN_EXPIRED,
+        )
         if auth.expiring_notice_seconds > 0:
-            self._set_timer("expiring", max(0.0, expires - auth.expiring_notice_seconds - now),
-                            self.send, {"type": "auth:expiring",
-                                        "data": {"expiresAt": protocol.timestamp(expires)}})
+            self._set_timer(
+                "expiring",
+                max(0.0, expires - auth.expiring_notice_seconds - now),
+                self.send,
+                {"type": "auth:expiring", "data": {"expiresAt": protocol.timestamp(expires)}},
+            )
 
     def _welcome(self) -> dict[str, Any]:
         cfg = self.node.config
@@ -316,12 +345,18 @@ class Client:
         try:
             identity = self.node.auth.verify(token)
         except AuthError as exc:
-            self.close(Disconnect(disconnect.BAD_TOKEN.code, str(exc),
-                                  disconnect.BAD_TOKEN.reconnect))
+            self.close(
+                Disconnect(disconnect.BAD_TOKEN.code, str(exc), disconnect.BAD_TOKEN.reconnect)
+            )
             return _DEFERRED
         if self.identity is not None and identity.user_id != self.identity.user_id:
-            self.close(Disconnect(disconnect.BAD_TOKEN.code, "token is for another user",
-                                  disconnect.BAD_TOKEN.reconnect))
+            self.close(
+                Disconnect(
+                    disconnect.BAD_TOKEN.code,
+                    "token is for another user",
+                    disconnect.BAD_TOKEN.reconnect,
+                )
+            )
             return _DEFERRED
         if self.identity is None and self._over_user_cap(identity.user_id):
             self.close(disconnect.TOO_MANY_CONNECTIONS)
@@ -367,8 +402,12 @@ class Client:
             return {"roomId": room_id, "offset": offset, "epoch": node.room_epoch()}
         budget = recovery.Budget(self.node.config.limits.resume_budget)
         result = await self._join_and_replay(room_id, since, budget)
-        return {"roomId": room_id, "offset": result["offset"], "epoch": result["epoch"],
-                "rooms": {room_id: result}}
+        return {
+            "roomId": room_id,
+            "offset": result["offset"],
+            "epoch": result["epoch"],
+            "rooms": {room_id: result},
+        }
 
     def _check_may_read(self, room_id: str) -> None:
         """Joining, resuming and reading history share one rule: the token and any ban."""
@@ -376,8 +415,10 @@ class Client:
             raise ProtocolError(ErrorCode.FORBIDDEN, "token does not allow this room")
         ban = self.node.bans.banned(room_id, self.user_id, time.time())
         if ban is not None:
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"banned from this room for another "
-                                f"{int(ban[0] - time.time()) + 1} s")
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"banned from this room for another {int(ban[0] - time.time()) + 1} s",
+            )
 
     def _check_may_join(self, room_id: str) -> None:
         self._check_may_read(room_id)
@@ -397,8 +438,9 @@ class Client:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "could not subscribe to room") from exc
         return True
 
-    async def _join_and_replay(self, room_id: str, since: recovery.Position | None,
-                               budget: recovery.Budget) -> dict[str, Any]:
+    async def _join_and_replay(
+        self, room_id: str, since: recovery.Position | None, budget: recovery.Budget
+    ) -> dict[str, Any]:
         key = room_hold_key(room_id)
         self.holds_start(key)
         try:
@@ -426,10 +468,14 @@ class Client:
         if len(rooms) > limit:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} rooms per connection")
         # Validate everything before acting on anything.
-        wanted = {protocol.room_id(room_id): recovery.position(pos)
-                  for room_id, pos in rooms.items()}
-        extra = {name: recovery.position(data[name]) for name in ("direct", "global")
-                 if data.get(name) is not None}
+        wanted = {
+            protocol.room_id(room_id): recovery.position(pos) for room_id, pos in rooms.items()
+        }
+        extra = {
+            name: recovery.position(data[name])
+            for name in ("direct", "global")
+            if data.get(name) is not None
+        }
         if not self.node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
         budget = recovery.Budget(self.node.config.limits.resume_budget)
@@ -452,8 +498,9 @@ class Client:
 
     def _personal_target(self, name: str) -> recovery.Target:
         if name == "direct":
-            return recovery.Target(DIRECT_HOLD, subjects.DIRECT_STREAM,
-                                   subjects.direct_subject(self.user_id))
+            return recovery.Target(
+                DIRECT_HOLD, subjects.DIRECT_STREAM, subjects.direct_subject(self.user_id)
+            )
         return recovery.Target(GLOBAL_HOLD, subjects.GLOBAL_STREAM, subjects.GLOBAL_SUBJECT)
 
     async def on_leave(self, frame: protocol.Frame) -> Any:
@@ -473,16 +520,17 @@ class Client:
     async def on_direct(self, frame: protocol.Frame) -> Any:
         msg = protocol.direct_message(frame.data, self.node.config.limits.max_content_bytes)
         identity = self._identity()
-        if self.node.config.presence.direct_messages == "shared-rooms" and \
-                msg.to_user_id != identity.user_id:
+        if (
+            self.node.config.presence.direct_messages == "shared-rooms"
+            and msg.to_user_id != identity.user_id
+        ):
             # Whether or not the recipient is online: refusing only offline
             # strangers would tell the sender who is online.
-            await self.node.presence.visible(identity.user_id, [msg.to_user_id],
-                                             "shared-rooms")
-        body = durable.direct_body(identity.user_id, identity.username, msg.to_user_id,
-                                   msg.content)
-        return await self._publish_durable(frame, durable.direct(msg.to_user_id), body,
-                                           msg.client_id)
+            await self.node.presence.visible(identity.user_id, [msg.to_user_id], "shared-rooms")
+        body = durable.direct_body(identity.user_id, identity.username, msg.to_user_id, msg.content)
+        return await self._publish_durable(
+            frame, durable.direct(msg.to_user_id), body, msg.client_id
+        )
 
     async def on_global(self, frame: protocol.Frame) -> Any:
         msg = protocol.global_message(frame.data, self.node.config.limits.max_content_bytes)
@@ -496,38 +544,57 @@ class Client:
         ev = protocol.room_event(frame.data)
         self._check_member(ev.room_id)
         identity = self._identity()
-        body = durable.event_body(ev.room_id, ev.event, ev.data, identity.user_id,
-                                  identity.username)
+        body = durable.event_body(
+            ev.room_id, ev.event, ev.data, identity.user_id, identity.username
+        )
         if ev.durable:
-            return await self._publish_durable(frame, durable.room_event(ev.room_id), body,
-                                               ev.client_id)
+            return await self._publish_durable(
+                frame, durable.room_event(ev.room_id), body, ev.client_id
+            )
         node = self.node
         if not node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
         # Checked like a durable event: every recipient's wire format must carry it.
-        payload = durable.payload({"type": "room:event", "data": body},
-                                  node.config.limits.max_frame_bytes)
+        payload = durable.payload(
+            {"type": "room:event", "data": body}, node.config.limits.max_frame_bytes
+        )
         await node.publish_ephemeral(subjects.live_room_subject(ev.room_id), payload, self.key)
         return None
 
-    async def _publish_durable(self, frame: protocol.Frame, target: durable.Target,
-                               body: dict[str, Any], client_id: str | None) -> Any:
+    async def _publish_durable(
+        self,
+        frame: protocol.Frame,
+        target: durable.Target,
+        body: dict[str, Any],
+        client_id: str | None,
+    ) -> Any:
         """Store ``body`` in its stream; the ack is written when the PubAck arrives."""
         started = time.perf_counter()
-        future = await durable.send(self.node, target, body, user_id=self.user_id,
-                                    client_id=client_id, origin=self.key)
+        future = await durable.send(
+            self.node, target, body, user_id=self.user_id, client_id=client_id, origin=self.key
+        )
         future.add_done_callback(
-            functools.partial(self._on_stored, frame.id, target, body, started))
+            functools.partial(self._on_stored, frame.id, target, body, started)
+        )
         return _DEFERRED
 
-    def _on_stored(self, frame_id: int | None, target: durable.Target, body: dict[str, Any],
-                   started: float, future: asyncio.Future[PubAck]) -> None:
+    def _on_stored(
+        self,
+        frame_id: int | None,
+        target: durable.Target,
+        body: dict[str, Any],
+        started: float,
+        future: asyncio.Future[PubAck],
+    ) -> None:
         node = self.node
         node.metrics.publish_latency.observe(time.perf_counter() - started)
         exc = future.exception()
         if exc is not None:
-            error = exc if isinstance(exc, ProtocolError) else ProtocolError(
-                ErrorCode.INTERNAL, "publish failed")
+            error = (
+                exc
+                if isinstance(exc, ProtocolError)
+                else ProtocolError(ErrorCode.INTERNAL, "publish failed")
+            )
             self._report(frame_id, error)
             return
         ack = future.result()
@@ -536,8 +603,9 @@ class Client:
         if ack.duplicate:
             node.spawn(self._ack_duplicate(frame_id, target, ack.seq))
             return
-        self.send(protocol.ack_ok(frame_id, target.ack(durable.stored(node, target, body,
-                                                                      ack.seq))))
+        self.send(
+            protocol.ack_ok(frame_id, target.ack(durable.stored(node, target, body, ack.seq)))
+        )
 
     async def _ack_duplicate(self, frame_id: int, target: durable.Target, seq: int) -> None:
         try:
@@ -567,8 +635,7 @@ class Client:
     async def on_presence_users(self, frame: protocol.Frame) -> Any:
         users = protocol.user_ids(frame.data)
         node = self.node
-        online = await node.presence.visible(self.user_id, users,
-                                             node.config.presence.visibility)
+        online = await node.presence.visible(self.user_id, users, node.config.presence.visibility)
         return {"online": online}
 
     async def on_presence_subscribe(self, frame: protocol.Frame) -> Any:
@@ -580,8 +647,9 @@ class Client:
         limit = node.config.presence.max_watched
         new = [u for u in users if self.watching is None or u not in self.watching]
         if len(self.watching or ()) + len(new) > limit:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                                f"at most {limit} watched users per connection")
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED, f"at most {limit} watched users per connection"
+            )
         if policy != "all":
             # Checked before watching: a stranger's events must never arrive.
             await node.presence.visible(self.user_id, users, policy)
@@ -621,12 +689,15 @@ class Client:
         typing = protocol.typing(frame.data)
         self._check_member(typing.room_id)
         assert self.identity is not None
-        event = {"type": "chat:typing", "data": {
-            "roomId": typing.room_id,
-            "userId": self.identity.user_id,
-            "username": self.identity.username,
-            "isTyping": typing.is_typing,
-        }}
+        event = {
+            "type": "chat:typing",
+            "data": {
+                "roomId": typing.room_id,
+                "userId": self.identity.user_id,
+                "username": self.identity.username,
+                "isTyping": typing.is_typing,
+            },
+        }
         node = self.node
         if not node.nats_connected:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "messaging backbone unavailable")
@@ -634,12 +705,15 @@ class Client:
         now = time.monotonic()
         offer = node.typing.offer(key, event, now)
         if offer.send:
-            await node.publish_ephemeral(subjects.live_room_subject(typing.room_id),
-                                         codec.encode_payload(WireFormat.JSON, event), self.key)
+            await node.publish_ephemeral(
+                subjects.live_room_subject(typing.room_id),
+                codec.encode_payload(WireFormat.JSON, event),
+                self.key,
+            )
         elif offer.release_at is not None:
             asyncio.get_running_loop().call_later(
-                max(0.0, offer.release_at - now), self._release_typing, key,
-                typing.room_id)
+                max(0.0, offer.release_at - now), self._release_typing, key, typing.room_id
+            )
         return None
 
     def _release_typing(self, key: tuple[str, str], room_id: str) -> None:
@@ -647,9 +721,13 @@ class Client:
         sent, event = node.typing.release(key, time.monotonic())
         still_member = self.closing is None and room_id in self.rooms
         if sent and event is not None and still_member and node.nats_connected:
-            node.spawn(node.publish_ephemeral(subjects.live_room_subject(room_id),
-                                              codec.encode_payload(WireFormat.JSON, event),
-                                              self.key))
+            node.spawn(
+                node.publish_ephemeral(
+                    subjects.live_room_subject(room_id),
+                    codec.encode_payload(WireFormat.JSON, event),
+                    self.key,
+                )
+            )
 
     async def on_ping(self, frame: protocol.Frame) -> Any:
         self.send({"type": "pong", "data": frame.data})
@@ -657,8 +735,9 @@ class Client:
 
     # -- timers ----------------------------------------------------------------
 
-    def _set_timer(self, name: str, delay: float, callback: Callable[..., None],
-                   *args: Any) -> None:
+    def _set_timer(
+        self, name: str, delay: float, callback: Callable[..., None], *args: Any
+    ) -> None:
         self._cancel_timer(name)
         self._timers[name] = asyncio.get_running_loop().call_later(delay, callback, *args)
 

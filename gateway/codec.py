@@ -30,8 +30,9 @@ _BY_SUBPROTOCOL = {name: fmt for fmt, name in SUBPROTOCOLS.items()}
 
 # check_circular off: decoded frames and our own dicts cannot be circular, and
 # the check costs on every encode of the fan-out path.
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
-                                 check_circular=False)
+_json_encoder = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
+)
 _json_encode = _json_encoder.encode
 _msgpack_packer = msgpack.Packer(use_bin_type=True)
 

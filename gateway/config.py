@@ -56,10 +56,14 @@ class ServerSettings:
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "server.port must be 0..65535")
         require(0 <= self.metrics_port <= 65535, "server.metrics_port must be 0..65535")
-        require(self.metrics_port == 0 or self.metrics_port != self.port,
-                "server.metrics_port must differ from server.port")
-        require(bool(self.tls_cert_file) == bool(self.tls_key_file),
-                "server.tls_cert_file and server.tls_key_file must be set together")
+        require(
+            self.metrics_port == 0 or self.metrics_port != self.port,
+            "server.metrics_port must differ from server.port",
+        )
+        require(
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "server.tls_cert_file and server.tls_key_file must be set together",
+        )
         require(self.heartbeat_seconds > 0, "server.heartbeat_seconds must be > 0")
 
 
@@ -96,17 +100,25 @@ class AuthSettings:
         supported = HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS
         for alg in self.algorithms:
             require(alg.lower() != "none", "auth.algorithms must never contain 'none'")
-            require(alg in supported,
-                    f"auth.algorithms: {alg} is not supported ({', '.join(supported)})")
+            require(
+                alg in supported,
+                f"auth.algorithms: {alg} is not supported ({', '.join(supported)})",
+            )
         hmac = any(a in HMAC_ALGORITHMS for a in self.algorithms)
         public = any(a in PUBLIC_KEY_ALGORITHMS for a in self.algorithms)
-        require(not hmac or bool(self.secret),
-                "auth.secret must not be empty when auth.algorithms has an HS algorithm")
-        require(not public or bool(self.jwks_file),
-                "auth.jwks_file must be set when auth.algorithms has an RS or ES algorithm")
+        require(
+            not hmac or bool(self.secret),
+            "auth.secret must not be empty when auth.algorithms has an HS algorithm",
+        )
+        require(
+            not public or bool(self.jwks_file),
+            "auth.jwks_file must be set when auth.algorithms has an RS or ES algorithm",
+        )
         # A key file nothing reads is a half-done rotation or a typo in algorithms.
-        require(public or not self.jwks_file,
-                "auth.jwks_file is set but auth.algorithms has no RS or ES algorithm")
+        require(
+            public or not self.jwks_file,
+            "auth.jwks_file is set but auth.algorithms has no RS or ES algorithm",
+        )
         require(self.timeout_seconds > 0, "auth.timeout_seconds must be > 0")
         require(self.expiring_notice_seconds >= 0, "auth.expiring_notice_seconds must be >= 0")
         require(self.deny_seconds >= 0, "auth.deny_seconds must be >= 0")
@@ -138,8 +150,10 @@ class LimitSettings:
         require(self.max_content_bytes >= 1, "limits.max_content_bytes must be >= 1")
         require(self.max_bad_frames >= 1, "limits.max_bad_frames must be >= 1")
         require(self.outbox_frames >= 1, "limits.outbox_frames must be >= 1")
-        require(self.outbox_bytes >= self.max_frame_bytes,
-                "limits.outbox_bytes must be >= limits.max_frame_bytes")
+        require(
+            self.outbox_bytes >= self.max_frame_bytes,
+            "limits.outbox_bytes must be >= limits.max_frame_bytes",
+        )
         require(self.typing_per_second > 0, "limits.typing_per_second must be > 0")
 
 
@@ -170,12 +184,16 @@ class EdgeSettings:
             admission.parse_networks(self.trusted_proxies)
         except ValueError as exc:
             raise ValueError(f"edge.trusted_proxies: {exc}") from exc
-        require(self.max_connections_per_address >= 0,
-                "edge.max_connections_per_address must be >= 0")
-        require(self.handshakes_per_second_per_address >= 0,
-                "edge.handshakes_per_second_per_address must be >= 0")
-        require(self.handshake_burst_per_address >= 1,
-                "edge.handshake_burst_per_address must be >= 1")
+        require(
+            self.max_connections_per_address >= 0, "edge.max_connections_per_address must be >= 0"
+        )
+        require(
+            self.handshakes_per_second_per_address >= 0,
+            "edge.handshakes_per_second_per_address must be >= 0",
+        )
+        require(
+            self.handshake_burst_per_address >= 1, "edge.handshake_burst_per_address must be >= 1"
+        )
         require(self.max_unauthenticated >= 1, "edge.max_unauthenticated must be >= 1")
         require(self.max_connections_per_user >= 1, "edge.max_connections_per_user must be >= 1")
         require(self.drain_seconds >= 0, "edge.drain_seconds must be >= 0")
@@ -209,11 +227,15 @@ class GatewayConfig:
         if metrics_port > 0:
             metrics_port += instance
             if metrics_port > 65535 or metrics_port == self.server.port:
-                raise ConfigError(f"server.metrics_port + instance ({metrics_port}) must be "
-                                  "a free port other than server.port")
+                raise ConfigError(
+                    f"server.metrics_port + instance ({metrics_port}) must be "
+                    "a free port other than server.port"
+                )
         server = dataclasses.replace(
-            self.server, id=f"{self.server.id or socket.gethostname()}-{instance}",
-            metrics_port=metrics_port)
+            self.server,
+            id=f"{self.server.id or socket.gethostname()}-{instance}",
+            metrics_port=metrics_port,
+        )
         return dataclasses.replace(self, server=server)
 
 

@@ -27,8 +27,13 @@ log = structlog.get_logger("rtgate.gateway")
 DEMO_DIR = Path(__file__).parent / "static" / "demo"
 # Long enough for a demo session; the page asks for a new one on 4401 anyway.
 TOKEN_TTL_SECONDS = 3600.0
-_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript",
-          ".png": "image/png", ".svg": "image/svg+xml"}
+_TYPES = {
+    ".html": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
 # So that a page reload after editing a file picks the edit up.
 _NO_CACHE = {"Cache-Control": "no-cache"}
 
@@ -53,9 +58,11 @@ def add_routes(app: web.Application, config: GatewayConfig) -> None:
     async def dev_token(request: web.Request) -> web.StreamResponse:
         user = request.query.get("user", "")
         if not is_valid_id(user, MAX_USER_ID):
-            return error_response(400, ErrorCode.BAD_REQUEST,
-                          f"user must be 1 to {MAX_USER_ID} printable characters "
-                          "without whitespace")
+            return error_response(
+                400,
+                ErrorCode.BAD_REQUEST,
+                f"user must be 1 to {MAX_USER_ID} printable characters without whitespace",
+            )
         try:
             token = mint(auth, user, ttl_seconds=TOKEN_TTL_SECONDS)
         except ValueError as exc:  # no HS algorithm configured: nothing to sign with
@@ -67,14 +74,18 @@ def add_routes(app: web.Application, config: GatewayConfig) -> None:
     app.router.add_get("/dev/token", dev_token)
 
     async def warn(app: web.Application) -> None:
-        log.warning("DEV MODE: server.dev_demo is on; GET /dev/token mints a token for any "
-                    "user without checking anything. Never enable this in production.")
+        log.warning(
+            "DEV MODE: server.dev_demo is on; GET /dev/token mints a token for any "
+            "user without checking anything. Never enable this in production."
+        )
 
     app.on_startup.append(warn)
 
 
 def _file(path: Path) -> web.Response:
-    return web.Response(body=path.read_bytes(), content_type=_TYPES[path.suffix],
-                        charset="utf-8" if path.suffix != ".png" else None,
-                        headers=_NO_CACHE)
-
+    return web.Response(
+        body=path.read_bytes(),
+        content_type=_TYPES[path.suffix],
+        charset="utf-8" if path.suffix != ".png" else None,
+        headers=_NO_CACHE,
+    )

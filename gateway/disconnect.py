@@ -41,8 +41,17 @@ AUTH_TIMEOUT = Disconnect(4408, "no auth in time", Reconnect.IMMEDIATELY)
 TOO_MANY_CONNECTIONS = Disconnect(4429, "too many connections", Reconnect.LONG_BACKOFF)
 
 ALL: tuple[Disconnect, ...] = (
-    NORMAL, BAD_FRAMES, POLICY, TOO_BIG, INTERNAL, RESTART, SLOW_CONSUMER,
-    BAD_TOKEN, REVOKED, AUTH_TIMEOUT, TOO_MANY_CONNECTIONS,
+    NORMAL,
+    BAD_FRAMES,
+    POLICY,
+    TOO_BIG,
+    INTERNAL,
+    RESTART,
+    SLOW_CONSUMER,
+    BAD_TOKEN,
+    REVOKED,
+    AUTH_TIMEOUT,
+    TOO_MANY_CONNECTIONS,
 )
 
 

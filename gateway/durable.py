@@ -50,13 +50,15 @@ def chat(room_id: str) -> Target:
 
 
 def room_event(room_id: str) -> Target:
-    return Target(subjects.ROOMS_STREAM, subjects.room_subject(room_id), "room:event", room_id,
-                  offset_ack)
+    return Target(
+        subjects.ROOMS_STREAM, subjects.room_subject(room_id), "room:event", room_id, offset_ack
+    )
 
 
 def direct(to_user_id: str) -> Target:
-    return Target(subjects.DIRECT_STREAM, subjects.direct_subject(to_user_id), "direct:message",
-                  to_user_id)
+    return Target(
+        subjects.DIRECT_STREAM, subjects.direct_subject(to_user_id), "direct:message", to_user_id
+    )
 
 
 def broadcast() -> Target:
@@ -66,29 +68,49 @@ def broadcast() -> Target:
 # The stored bodies, built in one place for client frames and the server API.
 # Identity always comes from the token (or the API call), never the payload.
 
+
 def _now() -> str:
     return timestamp(time.time())
 
 
 def chat_body(room_id: str, user_id: str, username: str, content: str) -> dict[str, Any]:
-    return {"roomId": room_id, "userId": user_id, "username": username, "content": content,
-            "timestamp": _now()}
+    return {
+        "roomId": room_id,
+        "userId": user_id,
+        "username": username,
+        "content": content,
+        "timestamp": _now(),
+    }
 
 
 def direct_body(from_user: str, from_name: str, to_user: str, content: str) -> dict[str, Any]:
-    return {"fromUserId": from_user, "fromUsername": from_name, "toUserId": to_user,
-            "content": content, "timestamp": _now()}
+    return {
+        "fromUserId": from_user,
+        "fromUsername": from_name,
+        "toUserId": to_user,
+        "content": content,
+        "timestamp": _now(),
+    }
 
 
 def global_body(from_user: str, from_name: str, content: str) -> dict[str, Any]:
-    return {"fromUserId": from_user, "fromUsername": from_name, "content": content,
-            "timestamp": _now()}
+    return {
+        "fromUserId": from_user,
+        "fromUsername": from_name,
+        "content": content,
+        "timestamp": _now(),
+    }
 
 
-def event_body(room_id: str, event: str, data: Any, user_id: str, username: str
-               ) -> dict[str, Any]:
-    return {"roomId": room_id, "event": event, "data": data, "userId": user_id,
-            "username": username, "timestamp": _now()}
+def event_body(room_id: str, event: str, data: Any, user_id: str, username: str) -> dict[str, Any]:
+    return {
+        "roomId": room_id,
+        "event": event,
+        "data": data,
+        "userId": user_id,
+        "username": username,
+        "timestamp": _now(),
+    }
 
 
 def payload(event: dict[str, Any], max_bytes: int) -> bytes:
@@ -96,20 +118,29 @@ def payload(event: dict[str, Any], max_bytes: int) -> bytes:
         data = codec.encode_payload(WireFormat.JSON, event)
     except (TypeError, ValueError) as exc:
         # msgpack clients can send binary or non-string keys; JSON clients could not read them.
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            "data must be JSON-compatible (no binary, string keys)") from exc
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "data must be JSON-compatible (no binary, string keys)"
+        ) from exc
     if len(data) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, "event is over the frame size limit")
     return data
 
 
-async def send(node: Node, target: Target, body: dict[str, Any], *, user_id: str,
-               client_id: str | None, origin: str) -> asyncio.Future[PubAck]:
+async def send(
+    node: Node,
+    target: Target,
+    body: dict[str, Any],
+    *,
+    user_id: str,
+    client_id: str | None,
+    origin: str,
+) -> asyncio.Future[PubAck]:
     """Publish now; the future resolves with the PubAck (or a ProtocolError)."""
     headers = {subjects.HDR_ORIGIN: origin}
     if client_id is not None:
-        headers[subjects.HDR_MSG_ID] = subjects.dedup_id(user_id, target.kind, target.dedup_scope,
-                                                      client_id)
+        headers[subjects.HDR_MSG_ID] = subjects.dedup_id(
+            user_id, target.kind, target.dedup_scope, client_id
+        )
     data = payload({"type": target.kind, "data": body}, node.config.limits.max_frame_bytes)
     return await node.publisher.publish(target.subject, data, headers)
 
@@ -126,11 +157,22 @@ async def original(node: Node, target: Target, seq: int) -> dict[str, Any]:
     return stored(node, target, event["data"], seq)
 
 
-async def store(node: Node, target: Target, body: dict[str, Any], *, user_id: str,
-                client_id: str | None, origin: str) -> dict[str, Any]:
+async def store(
+    node: Node,
+    target: Target,
+    body: dict[str, Any],
+    *,
+    user_id: str,
+    client_id: str | None,
+    origin: str,
+) -> dict[str, Any]:
     """Publish and wait: the ack data once the stream has stored the message."""
-    ack = await (await send(node, target, body, user_id=user_id, client_id=client_id,
-                            origin=origin))
-    message = await original(node, target, ack.seq) if ack.duplicate else \
-        stored(node, target, body, ack.seq)
+    ack = await (
+        await send(node, target, body, user_id=user_id, client_id=client_id, origin=origin)
+    )
+    message = (
+        await original(node, target, ack.seq)
+        if ack.duplicate
+        else stored(node, target, body, ack.seq)
+    )
     return target.ack(message)

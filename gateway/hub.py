@@ -59,9 +59,15 @@ class Channel:
 class _Table:
     """Channels of one kind (rooms, inboxes), each with its NATS subscription."""
 
-    def __init__(self, hub: Hub, live_subject: Callable[[str], str],
-                 hold_key: Callable[[str], str],
-                 on_size: Callable[[int], None] | None = None, *, confirm: bool = True) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        live_subject: Callable[[str], str],
+        hold_key: Callable[[str], str],
+        on_size: Callable[[int], None] | None = None,
+        *,
+        confirm: bool = True,
+    ) -> None:
         self._hub = hub
         self._hold_key = hold_key
         # Confirm each new subscription with a round trip (rooms: the join ack
@@ -87,8 +93,9 @@ class _Table:
             channel.members.add(client)
             nc = self._hub.nc
             try:
-                sub = await nc.subscribe(self._live_subject(key),
-                                         cb=self._hub.callback(lambda _: channel))
+                sub = await nc.subscribe(
+                    self._live_subject(key), cb=self._hub.callback(lambda _: channel)
+                )
                 if self._confirm:
                     # A round trip, so a message published anywhere after this
                     # returns is certain to reach the subscription.
@@ -170,12 +177,14 @@ class Hub:
 
     async def start(self) -> None:
         self._global_sub = await self.nc.subscribe(
-            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(lambda _: self._global))
+            subjects.LIVE_GLOBAL_SUBJECT, cb=self.callback(lambda _: self._global)
+        )
         prefix = len(subjects.LIVE_DIRECT_PREFIX)
         inboxes = self._inboxes
         self._direct_sub = await self.nc.subscribe(
             subjects.LIVE_DIRECT_PREFIX + "*",
-            cb=self.callback(lambda msg: inboxes.get(msg.subject[prefix:])))
+            cb=self.callback(lambda msg: inboxes.get(msg.subject[prefix:])),
+        )
 
     @property
     def rooms(self) -> dict[str, Channel]:
@@ -294,11 +303,22 @@ class Hub:
         after = channel.last
         try:
             missing = await jsread.run_of(
-                self.nc, parsed.stream, parsed.subject, after, parsed.prev - after,
-                timeout=2.0, min_last_seq=parsed.prev)
+                self.nc,
+                parsed.stream,
+                parsed.subject,
+                after,
+                parsed.prev - after,
+                timeout=2.0,
+                min_last_seq=parsed.prev,
+            )
         except jsread.ReadError as exc:
-            log.warning("could not fill a gap from the stream", channel=channel.key,
-                        after=after, before=parsed.offset, error=str(exc))
+            log.warning(
+                "could not fill a gap from the stream",
+                channel=channel.key,
+                after=after,
+                before=parsed.offset,
+                error=str(exc),
+            )
             return
         if self._on_gap_filled is not None:
             self._on_gap_filled(len(missing))
@@ -316,8 +336,7 @@ class Hub:
         if not self.presence.accept_revision(parsed.presence_revision):
             return
         about = parsed.presence_user
-        self.deliver([c for c in channel.members if c.user_id != about], channel.hold_key,
-                     parsed)
+        self.deliver([c for c in channel.members if c.user_id != about], channel.hold_key, parsed)
 
     def deliver_event(self, members: Collection[Client], event: dict[str, Any]) -> None:
         """Queue an event that belongs to no channel (user:online/offline to watchers)."""
@@ -417,19 +436,33 @@ def _parse(msg: Msg) -> Event | None:
     if seq is None:
         revision = headers.get(subjects.HDR_PRESENCE_REVISION)
         if revision is not None:
-            return Event(event, kind, None, presence_revision=revision,
-                         presence_user=headers.get(subjects.HDR_PRESENCE_USER, ""))
+            return Event(
+                event,
+                kind,
+                None,
+                presence_revision=revision,
+                presence_user=headers.get(subjects.HDR_PRESENCE_USER, ""),
+            )
         return Event(event, kind, origin)
-    return Event(event, kind, origin, int(seq),
-                 int(headers.get(subjects.HDR_LAST_SEQUENCE, "0") or 0),
-                 headers.get(subjects.HDR_STREAM, ""), headers.get("Nats-Subject", ""))
+    return Event(
+        event,
+        kind,
+        origin,
+        int(seq),
+        int(headers.get(subjects.HDR_LAST_SEQUENCE, "0") or 0),
+        headers.get(subjects.HDR_STREAM, ""),
+        headers.get("Nats-Subject", ""),
+    )
 
 
 def stored_event(stored: jsread.Stored, stream: str, prev: int) -> Event | None:
     """An event read back from the stream, as it would have arrived live."""
     event = stored.event
-    if not isinstance(event, dict) or not isinstance(event.get("data"), dict) or \
-            not isinstance(event.get("type"), str):
+    if (
+        not isinstance(event, dict)
+        or not isinstance(event.get("data"), dict)
+        or not isinstance(event.get("type"), str)
+    ):
         return None
     return Event(event, event["type"], None, stored.seq, prev, stream, stored.subject)
 

@@ -209,8 +209,12 @@ class KeyStore:
         except KeyFileError as exc:
             # Remember the bad file's stamp so polling logs it once, not every tick.
             self._stamp = stamp
-            log.error("key file not loaded; keeping the previous keys",
-                      path=str(self._path), error=str(exc), kids=list(self.kids))
+            log.error(
+                "key file not loaded; keeping the previous keys",
+                path=str(self._path),
+                error=str(exc),
+                kids=list(self.kids),
+            )
             return False
         old = self._keys
         self._stamp = stamp
@@ -228,8 +232,9 @@ class KeyStore:
         try:
             data = self._path.read_bytes()
         except OSError as exc:
-            raise KeyFileError(f"auth.jwks_file {self._path}: cannot read: "
-                               f"{exc.strerror or exc}") from exc
+            raise KeyFileError(
+                f"auth.jwks_file {self._path}: cannot read: {exc.strerror or exc}"
+            ) from exc
         try:
             return parse_jwks(data)
         except KeyFileError as exc:
@@ -238,9 +243,14 @@ class KeyStore:
     def _log_loaded(self, keys: KeySet, before: tuple[str, ...]) -> None:
         for reason in keys.skipped:
             log.warning("key skipped", path=str(self._path), reason=reason)
-        log.info("keys loaded", path=str(self._path), kids=list(keys.kids),
-                 added=[k for k in keys.kids if k not in before],
-                 removed=[k for k in before if k not in keys.keys])
+        log.info(
+            "keys loaded",
+            path=str(self._path),
+            kids=list(keys.kids),
+            added=[k for k in keys.kids if k not in before],
+            removed=[k for k in before if k not in keys.keys],
+        )
         if not keys.keys:
-            log.warning("key file has no usable keys: every RS/ES token is refused",
-                        path=str(self._path))
+            log.warning(
+                "key file has no usable keys: every RS/ES token is refused", path=str(self._path)
+            )

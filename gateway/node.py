@@ -55,16 +55,19 @@ class Node:
         # What the rooms stream really uses; another service may have set it.
         self.dedup_window = config.streams.duplicate_window_seconds
         self.typing = Coalescer[tuple[str, str], dict[str, Any]](
-            1.0 / config.limits.typing_per_second)
+            1.0 / config.limits.typing_per_second
+        )
         self.background = Background()
         self._nc: Nats | None = None
         self._hub: Hub | None = None
         self._publisher: Publisher | None = None
         self._flusher: Flusher | None = None
         self._reprovisioning: asyncio.Task[Any] | None = None
-        self.addresses = AddressLimits(config.edge.max_connections_per_address,
-                                       config.edge.handshakes_per_second_per_address,
-                                       config.edge.handshake_burst_per_address)
+        self.addresses = AddressLimits(
+            config.edge.max_connections_per_address,
+            config.edge.handshakes_per_second_per_address,
+            config.edge.handshake_burst_per_address,
+        )
         self.trusted_proxies = admission.parse_networks(config.edge.trusted_proxies)
         # SIGTERM received: no new sockets, clients being moved elsewhere.
         self.draining = False
@@ -73,14 +76,18 @@ class Node:
         # Plain counters for /stats, sampled once a second into a one-minute window.
         self.frames_in = 0
         self.errors_out = 0
-        self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque(
-            maxlen=61)
+        self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque(maxlen=61)
         self._started_at = time.monotonic()
         self.bans = Bans()
         self.presence = PresenceLink(
-            self.gateway_id, config.presence, config.nats.request_timeout, self.background,
+            self.gateway_id,
+            config.presence,
+            config.nats.request_timeout,
+            self.background,
             lambda members, event: self.hub.deliver_event(members, event),
-            lambda: self.hub.authenticated, self.metrics.presence_fenced.inc)
+            lambda: self.hub.authenticated,
+            self.metrics.presence_fenced.inc,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -97,22 +104,34 @@ class Node:
         )
         self.metrics.nats_connected.set(1)
         await self._load_streams()
-        self._publisher = Publisher(self._nc, self.config.nats.ack_timeout,
-                                    self._reprovision_soon)
+        self._publisher = Publisher(self._nc, self.config.nats.ack_timeout, self._reprovision_soon)
         await self._publisher.start()
-        self._hub = Hub(self._nc, self._flusher, self.epochs, self.metrics.rooms_subscribed.set,
-                        self.presence,
-                        self.metrics.gaps_filled.inc)
+        self._hub = Hub(
+            self._nc,
+            self._flusher,
+            self.epochs,
+            self.metrics.rooms_subscribed.set,
+            self.presence,
+            self.metrics.gaps_filled.inc,
+        )
         await self._hub.start()
         await self.presence.start(self._nc)
         await self._nc.subscribe(
-            subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control)
+            subjects.control_gateway_subject(self.gateway_id) + ".conn.*", cb=self._on_control
+        )
         await self._nc.subscribe(
-            subjects.control_gateway_subject(self.gateway_id), cb=self._on_control)
+            subjects.control_gateway_subject(self.gateway_id), cb=self._on_control
+        )
         await self._nc.subscribe(subjects.CONTROL_USER_PREFIX + "*", cb=self._on_control)
-        self.spawn(self.metrics.streams.poll(
-            self._nc.jetstream(), self.config.streams, lambda: self.nats_connected,
-            self.background, self._on_stream_info))
+        self.spawn(
+            self.metrics.streams.poll(
+                self._nc.jetstream(),
+                self.config.streams,
+                lambda: self.nats_connected,
+                self.background,
+                self._on_stream_info,
+            )
+        )
         self.spawn(self._watch_bans())
         self.spawn(self.auth.watch_keys(self.background, self.config.auth.jwks_check_seconds))
         self._samples.append((time.monotonic(), 0, 0, 0))
@@ -161,8 +180,9 @@ class Node:
 
     # -- NATS helpers ------------------------------------------------------------
 
-    async def history(self, channel: dict[str, str], cursor: str | None, limit: int
-                      ) -> dict[str, Any]:
+    async def history(
+        self, channel: dict[str, str], cursor: str | None, limit: int
+    ) -> dict[str, Any]:
         """A page of history from the broker (any replica answers); never hangs."""
         if not self.nats_connected:
             raise unavailable()
@@ -170,8 +190,11 @@ class Node:
         if cursor is not None:
             request["cursor"] = cursor
         try:
-            msg = await self.nc.request(subjects.HISTORY_SUBJECT, json.dumps(request).encode(),
-                                        timeout=self.config.nats.request_timeout)
+            msg = await self.nc.request(
+                subjects.HISTORY_SUBJECT,
+                json.dumps(request).encode(),
+                timeout=self.config.nats.request_timeout,
+            )
         except Exception as exc:  # timeout, no responders: no broker is serving history
             raise unavailable("history is unavailable right now (no broker answered)") from exc
         reply: dict[str, Any] = json.loads(msg.data)
@@ -184,11 +207,13 @@ class Node:
             raise unavailable()
         timeout = self.config.nats.request_timeout
         try:
-            last = await jsread.last_seq(self.nc, subjects.ROOMS_STREAM,
-                                         subjects.room_subject(room_id), timeout)
+            last = await jsread.last_seq(
+                self.nc, subjects.ROOMS_STREAM, subjects.room_subject(room_id), timeout
+            )
             # The stream's high-water mark is only needed (and read) for an empty room.
-            high = 0 if last > 0 else \
-                (await jsread.bounds(self.nc, subjects.ROOMS_STREAM, timeout))[1]
+            high = (
+                0 if last > 0 else (await jsread.bounds(self.nc, subjects.ROOMS_STREAM, timeout))[1]
+            )
             return recovery.position_of(last, high)
         except jsread.ReadError as exc:
             raise unavailable(f"stream lookup failed: {exc}") from exc
@@ -198,8 +223,7 @@ class Node:
         if not self.nats_connected:
             raise unavailable()
         try:
-            msg = await jsread.get_one(self.nc, stream, self.config.nats.request_timeout,
-                                       seq=seq)
+            msg = await jsread.get_one(self.nc, stream, self.config.nats.request_timeout, seq=seq)
         except jsread.ReadError as exc:
             raise unavailable(f"stream lookup failed: {exc}") from exc
         if msg is None:
@@ -284,8 +308,7 @@ class Node:
         if kind == "kick":
             room_id = command.get("roomId")
             until = command.get("banUntil")
-            if isinstance(room_id, str) and target[0] == "user" and \
-                    isinstance(until, int | float):
+            if isinstance(room_id, str) and target[0] == "user" and isinstance(until, int | float):
                 self.bans.apply(bans.room_key(room_id, target[1]), bans.entry(until, reason))
             if isinstance(room_id, str):
                 for client in clients:
@@ -322,8 +345,9 @@ class Node:
             raise unavailable()
         await self._ban_bucket()
         ttl = max(1, int(seconds + 0.999))
-        await self.nc.jetstream().publish(f"$KV.{bans.BUCKET}.{key}",
-                                          bans.entry(time.time() + seconds, reason), msg_ttl=ttl)
+        await self.nc.jetstream().publish(
+            f"$KV.{bans.BUCKET}.{key}", bans.entry(time.time() + seconds, reason), msg_ttl=ttl
+        )
         self.bans.apply(key, bans.entry(time.time() + seconds, reason))
 
     async def control(self, subject: str, command: dict[str, Any]) -> None:
@@ -364,8 +388,7 @@ class Node:
         ticks = 0
         while await self.background.sleep(1):
             now = time.monotonic()
-            self._samples.append((now, self.frames_in, self.flusher.frames_sent,
-                                  self.errors_out))
+            self._samples.append((now, self.frames_in, self.flusher.frames_sent, self.errors_out))
             ticks += 1
             if ticks % 10 == 0:
                 self.typing.forget_idle(now)
@@ -417,8 +440,9 @@ class Node:
             self._drained()
             return
         self.draining = True
-        log.info("draining", connections=len(self.hub.connections),
-                 window=self.config.edge.drain_seconds)
+        log.info(
+            "draining", connections=len(self.hub.connections), window=self.config.edge.drain_seconds
+        )
         self.spawn(self._drain())
 
     async def _drain(self) -> None:
@@ -447,8 +471,8 @@ class Node:
 
 def _control_target(subject: str, gateway_id: str) -> tuple[str, str]:
     if subject.startswith(subjects.CONTROL_USER_PREFIX):
-        return "user", subjects.decode_token(subject[len(subjects.CONTROL_USER_PREFIX):])
+        return "user", subjects.decode_token(subject[len(subjects.CONTROL_USER_PREFIX) :])
     conn_prefix = subjects.control_gateway_subject(gateway_id) + ".conn."
     if subject.startswith(conn_prefix):
-        return "conn", subjects.decode_token(subject[len(conn_prefix):])
+        return "conn", subjects.decode_token(subject[len(conn_prefix) :])
     return "gateway", gateway_id

@@ -50,11 +50,16 @@ _BATCH = 500
 
 
 class PresenceLink:
-    def __init__(self, gateway_id: str, settings: PresenceSettings, request_timeout: float,
-                 background: Background,
-                 deliver: Callable[[set[Client], dict[str, Any]], None],
-                 clients: Callable[[], Iterable[Client]],
-                 on_fenced: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        settings: PresenceSettings,
+        request_timeout: float,
+        background: Background,
+        deliver: Callable[[set[Client], dict[str, Any]], None],
+        clients: Callable[[], Iterable[Client]],
+        on_fenced: Callable[[], None] | None = None,
+    ) -> None:
         self._gateway = gateway_id
         self._settings = settings
         self._timeout = request_timeout
@@ -112,8 +117,7 @@ class PresenceLink:
         self._subs = [
             await nc.subscribe(subjects.LIVE_PRESENCE_USER_PREFIX + "*", cb=on_user_event),
             await nc.subscribe(subjects.PRESENCE_SYNC_SUBJECT, cb=on_sync_request),
-            await nc.subscribe(subjects.presence_sync_subject(self._gateway),
-                               cb=on_sync_request),
+            await nc.subscribe(subjects.presence_sync_subject(self._gateway), cb=on_sync_request),
         ]
         self._background.spawn(self._report())
 
@@ -136,8 +140,11 @@ class PresenceLink:
             return False
         if request.get("reason") != "takeover":
             return False
-        log.warning("presence service token went back: the lease was reset",
-                    known=self.revision, new=revision)
+        log.warning(
+            "presence service token went back: the lease was reset",
+            known=self.revision,
+            new=revision,
+        )
         self.revision = revision
         return True
 
@@ -214,8 +221,10 @@ class PresenceLink:
                     assert self._nc is not None
                     await self._nc.publish(
                         subjects.presence_subject("heartbeat", self._gateway),
-                        wire.encode_heartbeat(self._gateway, self._digest.value,
-                                              self._count, interval))
+                        wire.encode_heartbeat(
+                            self._gateway, self._digest.value, self._count, interval
+                        ),
+                    )
             except Exception as exc:
                 # Whatever did not go out, the service learns from the digest.
                 log.warning("presence report failed", error=repr(exc))
@@ -282,16 +291,19 @@ class PresenceLink:
         if nc is None or not nc.is_connected:
             raise unavailable()
         try:
-            msg = await nc.request(subjects.PRESENCE_API_SUBJECT, json.dumps(query).encode(),
-                                   timeout=self._timeout)
+            msg = await nc.request(
+                subjects.PRESENCE_API_SUBJECT, json.dumps(query).encode(), timeout=self._timeout
+            )
         except Exception as exc:  # timeout, no responders: no active presence service
-            raise ProtocolError(ErrorCode.UNAVAILABLE,
-                                "presence is unavailable right now (no presence service "
-                                "answered)") from exc
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "presence is unavailable right now (no presence service answered)",
+            ) from exc
         if not self.accept(msg):
-            raise ProtocolError(ErrorCode.UNAVAILABLE,
-                                "presence is unavailable right now (a replaced service "
-                                "answered)")
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "presence is unavailable right now (a replaced service answered)",
+            )
         try:
             reply: dict[str, Any] = json.loads(msg.data)
         except ValueError as exc:
@@ -305,8 +317,7 @@ class PresenceLink:
         if cursor is not None:
             query["cursor"] = cursor
         reply = await self.ask(query)
-        page = {"roomId": room, "members": reply.get("members", []),
-                "count": reply.get("count", 0)}
+        page = {"roomId": room, "members": reply.get("members", []), "count": reply.get("count", 0)}
         if reply.get("cursor"):
             page["cursor"] = reply["cursor"]
         return page
@@ -320,9 +331,10 @@ class PresenceLink:
         hidden = reply.get("hidden") or []
         if hidden:
             shown = ", ".join(str(u)[:64] for u in hidden[:5])
-            raise ProtocolError(ErrorCode.FORBIDDEN,
-                                f"you share no room with: {shown}"
-                                + (" ..." if len(hidden) > 5 else ""))
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"you share no room with: {shown}" + (" ..." if len(hidden) > 5 else ""),
+            )
         online: dict[str, bool] = reply.get("online", {})
         return online
 

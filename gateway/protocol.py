@@ -20,11 +20,26 @@ MAX_CLIENT_ID = 64
 MAX_FRAME_ID = 2**53 - 1
 
 # Every type a client may send, so metrics and errors never use client text as a label.
-CLIENT_TYPES = frozenset({
-    "auth", "room:join", "room:leave", "chat:message", "chat:typing", "ping",
-    "direct:message", "broadcast:global", "room:event", "batch", "resume", "history",
-    "presence", "presence:users", "presence:subscribe", "presence:unsubscribe",
-})
+CLIENT_TYPES = frozenset(
+    {
+        "auth",
+        "room:join",
+        "room:leave",
+        "chat:message",
+        "chat:typing",
+        "ping",
+        "direct:message",
+        "broadcast:global",
+        "room:event",
+        "batch",
+        "resume",
+        "history",
+        "presence",
+        "presence:users",
+        "presence:subscribe",
+        "presence:unsubscribe",
+    }
+)
 MAX_HISTORY = 100
 MAX_CURSOR = 1024
 MAX_BATCH = 50
@@ -81,7 +96,8 @@ def parse_frame(obj: Any) -> Frame:
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame needs a string 'type'")
     frame_id = obj.get("id")
     if frame_id is not None and (
-        not isinstance(frame_id, int) or isinstance(frame_id, bool)
+        not isinstance(frame_id, int)
+        or isinstance(frame_id, bool)
         or not 0 <= frame_id <= MAX_FRAME_ID
     ):
         raise ProtocolError(ErrorCode.BAD_FRAME, "'id' must be a non-negative integer")
@@ -184,19 +200,23 @@ def batch_items(data: Any) -> list[Any]:
     ``{messages: [{event, data}, ...]}`` whose ``event`` names the type."""
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         items: list[Any] = [
-            {"type": m.get("event"), "data": m.get("data"), **({"id": m["id"]} if "id" in m
-                                                               else {})}
-            if isinstance(m, dict) else m
+            {
+                "type": m.get("event"),
+                "data": m.get("data"),
+                **({"id": m["id"]} if "id" in m else {}),
+            }
+            if isinstance(m, dict)
+            else m
             for m in data["messages"]
         ]
     elif isinstance(data, list):
         items = data
     else:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            "batch data must be a list of frames or {messages: [...]}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "batch data must be a list of frames or {messages: [...]}"
+        )
     if len(items) > MAX_BATCH:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                            f"at most {MAX_BATCH} frames in a batch")
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"at most {MAX_BATCH} frames in a batch")
     return items
 
 
@@ -225,8 +245,7 @@ def presence_page(data: Any) -> tuple[str, str | None, int]:
     """``{roomId, cursor?, limit?}`` of a ``presence`` query."""
     d = data if isinstance(data, dict) else {"roomId": data}
     limit = d.get("limit", MAX_PRESENCE_PAGE)
-    if not isinstance(limit, int) or isinstance(limit, bool) or \
-            not 1 <= limit <= MAX_PRESENCE_PAGE:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PRESENCE_PAGE:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"limit must be 1 to {MAX_PRESENCE_PAGE}")
     cursor = d.get("cursor")
     if cursor is not None and not is_valid_id(cursor, MAX_USER_ID):
@@ -240,13 +259,15 @@ def user_ids(data: Any) -> list[str]:
     if not isinstance(ids, list) or not ids:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'userIds' must be a non-empty list")
     if len(ids) > MAX_PRESENCE_USERS:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                            f"at most {MAX_PRESENCE_USERS} userIds per request")
+        raise ProtocolError(
+            ErrorCode.LIMIT_EXCEEDED, f"at most {MAX_PRESENCE_USERS} userIds per request"
+        )
     for value in ids:
         if not is_valid_id(value, MAX_USER_ID):
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST,
-                f"userIds must be 1 to {MAX_USER_ID} printable characters without whitespace")
+                f"userIds must be 1 to {MAX_USER_ID} printable characters without whitespace",
+            )
     return list(dict.fromkeys(ids))
 
 

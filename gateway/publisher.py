@@ -37,8 +37,9 @@ def unavailable(message: str = "messaging backbone unavailable, try again") -> P
 
 
 class Publisher:
-    def __init__(self, nc: Client, ack_timeout: float,
-                 on_no_stream: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, nc: Client, ack_timeout: float, on_no_stream: Callable[[], None] | None = None
+    ) -> None:
         self._nc = nc
         self._on_no_stream = on_no_stream
         self._ack_timeout = ack_timeout
@@ -80,7 +81,7 @@ class Publisher:
         return len(self._pending)
 
     async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix):]
+        token = msg.subject[len(self._prefix) :]
         if token not in self._pending:
             return
         headers = msg.headers

@@ -74,8 +74,9 @@ def outcome(recovered: bool, missed: int, offset: int, epoch: str) -> dict[str, 
     return {"recovered": recovered, "missed": missed, "offset": offset, "epoch": epoch}
 
 
-async def replay(client: Client, target: Target, since: Position | None,
-                 budget: Budget) -> dict[str, Any]:
+async def replay(
+    client: Client, target: Target, since: Position | None, budget: Budget
+) -> dict[str, Any]:
     """Send what ``client`` missed on a channel it holds, then release the hold.
 
     The caller has put a hold on ``target.hold_key`` and subscribed the client;
@@ -100,11 +101,19 @@ async def replay(client: Client, target: Target, since: Position | None,
             # Something after the position was purged or aged out: cannot be whole.
             if since.offset + 1 >= first:
                 cap = min(streams.recovery_max_messages, budget.remaining)
-                run = await jsread.run_of(nc, target.stream, target.subject, since.offset,
-                                          cap + 1, timeout, min_last_seq=last)
+                run = await jsread.run_of(
+                    nc,
+                    target.stream,
+                    target.subject,
+                    since.offset,
+                    cap + 1,
+                    timeout,
+                    min_last_seq=last,
+                )
                 oldest = nats_time(run[0].time) if run else None
-                too_old = oldest is not None and \
-                    time.time() - oldest > streams.recovery_window_seconds
+                too_old = (
+                    oldest is not None and time.time() - oldest > streams.recovery_window_seconds
+                )
                 if len(run) <= cap and not too_old:
                     delivered = _send_run(client, target, run, since.offset, epoch)
                     replayed = len(run)
@@ -131,8 +140,9 @@ def position_of(channel_last: int, stream_last: int) -> int:
     return channel_last if channel_last > 0 else stream_last
 
 
-def _send_run(client: Client, target: Target, run: list[jsread.Stored], after: int,
-              epoch: str) -> int:
+def _send_run(
+    client: Client, target: Target, run: list[jsread.Stored], after: int, epoch: str
+) -> int:
     prev = after
     for stored in run:
         event = stored_event(stored, target.stream, prev)
@@ -157,9 +167,14 @@ async def _release(client: Client, target: Target, delivered: int | None, epoch:
             # Stored after our read but before the first held frame, and its
             # live copy never reached us: read it too.
             node = client.node
-            run = await jsread.run_of(node.nc, target.stream, target.subject, delivered,
-                                      first_stored[1] - delivered,
-                                      node.config.nats.request_timeout,
-                                      min_last_seq=first_stored[1])
+            run = await jsread.run_of(
+                node.nc,
+                target.stream,
+                target.subject,
+                delivered,
+                first_stored[1] - delivered,
+                node.config.nats.request_timeout,
+                min_last_seq=first_stored[1],
+            )
             delivered = _send_run(client, target, run, delivered, epoch)
     return client.holds_release(target.hold_key, delivered)

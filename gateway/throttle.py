@@ -43,8 +43,9 @@ class Coalescer(Generic[K, V]):
         first_pending = not slot.has_pending
         slot.pending = value
         slot.has_pending = True
-        return Offer(send=False, release_at=slot.last_sent + self._interval if first_pending
-                     else None)
+        return Offer(
+            send=False, release_at=slot.last_sent + self._interval if first_pending else None
+        )
 
     def release(self, key: K, now: float) -> tuple[bool, V | None]:
         """The pending value for ``key`` when its interval is over (sent=False if none)."""
@@ -59,8 +60,11 @@ class Coalescer(Generic[K, V]):
 
     def forget_idle(self, now: float) -> None:
         """Drop keys quiet for a whole interval so the table does not grow forever."""
-        stale = [k for k, s in self._slots.items()
-                 if not s.has_pending and now - s.last_sent >= self._interval]
+        stale = [
+            k
+            for k, s in self._slots.items()
+            if not s.has_pending and now - s.last_sent >= self._interval
+        ]
         for k in stale:
             del self._slots[k]
 

@@ -56,9 +56,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p = sub.add_parser("gateway", help="run one WebSocket gateway")
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
-    p.add_argument("--instance", type=_instance, metavar="N",
-                   help="instance N of this host's gateways (systemd passes %%i): id "
-                        "<server.id or hostname>-N, metrics on server.metrics_port + N")
+    p.add_argument(
+        "--instance",
+        type=_instance,
+        metavar="N",
+        help="instance N of this host's gateways (systemd passes %%i): id "
+        "<server.id or hostname>-N, metrics on server.metrics_port + N",
+    )
 
     p = sub.add_parser("broker", help="run the broker service")
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
@@ -70,24 +74,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--broker-port", type=int, default=8090, help="broker HTTP port")
     p.add_argument("--user", default="alice", help="user of the printed dev token")
 
-    p = sub.add_parser("token", help="mint a JWT: HS with the configured secret, or RS/ES "
-                                     "with --private-key")
+    p = sub.add_parser(
+        "token", help="mint a JWT: HS with the configured secret, or RS/ES with --private-key"
+    )
     p.add_argument("--config", help="TOML config file (default: $RTGATE_CONFIG)")
     p.add_argument("--user", required=True, help="user id (sub)")
     p.add_argument("--name", help="display name")
     p.add_argument("--ttl", type=parse_duration, default=3600.0, help="lifetime, e.g. 1h")
     p.add_argument("--rooms", type=_patterns, help="rooms it may join, e.g. 'lobby,team-*'")
-    p.add_argument("--publish", type=_patterns,
-                   help="rooms it may post to (default: as --rooms; '' for receive-only)")
+    p.add_argument(
+        "--publish",
+        type=_patterns,
+        help="rooms it may post to (default: as --rooms; '' for receive-only)",
+    )
     p.add_argument("--admin", action="store_true", help="may broadcast to everyone")
-    p.add_argument("--private-key", metavar="FILE",
-                   help="sign with this PEM private key (RSA or EC P-256/P-384) instead of "
-                        "the secret")
-    p.add_argument("--kid", help="key id for the header; RS/ES tokens need one the gateway's "
-                                 "JWKS has")
-    p.add_argument("--alg", choices=PUBLIC_KEY_ALGORITHMS + HMAC_ALGORITHMS,
-                   help="signing algorithm (default: RS256 for an RSA key, ES256 for P-256, "
-                        "ES384 for P-384; else the first HS in auth.algorithms)")
+    p.add_argument(
+        "--private-key",
+        metavar="FILE",
+        help="sign with this PEM private key (RSA or EC P-256/P-384) instead of the secret",
+    )
+    p.add_argument(
+        "--kid", help="key id for the header; RS/ES tokens need one the gateway's JWKS has"
+    )
+    p.add_argument(
+        "--alg",
+        choices=PUBLIC_KEY_ALGORITHMS + HMAC_ALGORITHMS,
+        help="signing algorithm (default: RS256 for an RSA key, ES256 for P-256, "
+        "ES384 for P-384; else the first HS in auth.algorithms)",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -119,8 +133,9 @@ def _tls_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"server.tls_cert_file / server.tls_key_file ({cert_file}, "
-                          f"{key_file}): {exc}") from exc
+        raise ConfigError(
+            f"server.tls_cert_file / server.tls_key_file ({cert_file}, {key_file}): {exc}"
+        ) from exc
     return ctx
 
 
@@ -148,14 +163,23 @@ async def _run(listeners: list[_Listen], notifier: Notifier, status: str) -> Non
     watchdog: asyncio.Task[None] | None = None
     try:
         for listen in listeners:
-            runner = web.AppRunner(listen.app, handle_signals=listen.handle_signals,
-                                   access_log=None, shutdown_timeout=5)
+            runner = web.AppRunner(
+                listen.app,
+                handle_signals=listen.handle_signals,
+                access_log=None,
+                shutdown_timeout=5,
+            )
             # Appended once set up: as in run_app, a failed startup is not cleaned up.
             await runner.setup()
             runners.append(runner)
             # reuse_port=None rather than False: aiohttp's own default.
-            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=listen.ssl_context,
-                               reuse_port=listen.reuse_port or None)
+            site = web.TCPSite(
+                runner,
+                listen.host,
+                listen.port,
+                ssl_context=listen.ssl_context,
+                reuse_port=listen.reuse_port or None,
+            )
             await site.start()
         # Startup connected NATS (or raised) and every socket listens: ready.
         notifier.ready(status)
@@ -221,9 +245,16 @@ def _serve(app_factory: str, config_path: str | None, instance: int | None = Non
         logs.configure(gcfg.log, "gateway")
         server = gcfg.server
         app = gateway_app(gcfg, handle_signals=True, notifier=notifier)
-        listeners = [_Listen(app, server.host, server.port,
-                             _tls_context(server.tls_cert_file, server.tls_key_file),
-                             server.reuse_port, handle_signals=True)]
+        listeners = [
+            _Listen(
+                app,
+                server.host,
+                server.port,
+                _tls_context(server.tls_cert_file, server.tls_key_file),
+                server.reuse_port,
+                handle_signals=True,
+            )
+        ]
         if server.metrics_port:
             listeners.append(_Listen(create_metrics_app(app), server.host, server.metrics_port))
         status = f"gateway {gcfg.gateway_id} on {server.host}:{server.port}"
@@ -245,8 +276,11 @@ def _serve(app_factory: str, config_path: str | None, instance: int | None = Non
         print(f"rtgate {app_factory}: {exc}", file=sys.stderr)
         sys.exit(2)
     except NoServersError:
-        print(f"rtgate {app_factory}: cannot reach NATS at {', '.join(nats_urls)}; is "
-              "nats-server running with JetStream? (rtgate dev starts one)", file=sys.stderr)
+        print(
+            f"rtgate {app_factory}: cannot reach NATS at {', '.join(nats_urls)}; is "
+            "nats-server running with JetStream? (rtgate dev starts one)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except OSError as exc:
         print(f"rtgate {app_factory}: cannot start: {exc}", file=sys.stderr)
@@ -274,12 +308,23 @@ def _token(args: argparse.Namespace) -> None:
             print(f"rtgate token: cannot read {args.private_key}: {exc}", file=sys.stderr)
             sys.exit(2)
         if not args.kid:
-            print("rtgate token: warning: no --kid; the gateway refuses RS/ES tokens without "
-                  "one", file=sys.stderr)
+            print(
+                "rtgate token: warning: no --kid; the gateway refuses RS/ES tokens without one",
+                file=sys.stderr,
+            )
     try:
-        token = mint(cfg.auth, args.user, name=args.name, ttl_seconds=args.ttl,
-                     rooms=args.rooms, publish=args.publish, admin=args.admin,
-                     private_key=pem, kid=args.kid, algorithm=args.alg)
+        token = mint(
+            cfg.auth,
+            args.user,
+            name=args.name,
+            ttl_seconds=args.ttl,
+            rooms=args.rooms,
+            publish=args.publish,
+            admin=args.admin,
+            private_key=pem,
+            kid=args.kid,
+            algorithm=args.alg,
+        )
     except ValueError as exc:
         print(f"rtgate token: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -332,31 +377,38 @@ def _run_dev(args: argparse.Namespace) -> int:
             nats = NatsServer(state / "nats", log_file=state / "nats-server.log")
             nats.start()
             nats_url = nats.url
-        env = env_without_rtgate({
-            "RTGATE_NATS__URLS": nats_url,
-            "RTGATE_AUTH__SECRET": secret,
-            "RTGATE_SERVER__PORT": str(args.port),
-            "RTGATE_SERVER__ID": "dev-gateway-1",
-            "RTGATE_BROKER__PORT": str(args.broker_port),
-            "RTGATE_BROKER__STATE_DIR": str(state / "broker"),
-            "RTGATE_BROKER__ID": "dev-broker-1",
-            # The demo page at / and its /dev/token: this is a local development run.
-            "RTGATE_SERVER__DEV_DEMO": "true",
-        })
+        env = env_without_rtgate(
+            {
+                "RTGATE_NATS__URLS": nats_url,
+                "RTGATE_AUTH__SECRET": secret,
+                "RTGATE_SERVER__PORT": str(args.port),
+                "RTGATE_SERVER__ID": "dev-gateway-1",
+                "RTGATE_BROKER__PORT": str(args.broker_port),
+                "RTGATE_BROKER__STATE_DIR": str(state / "broker"),
+                "RTGATE_BROKER__ID": "dev-broker-1",
+                # The demo page at / and its /dev/token: this is a local development run.
+                "RTGATE_SERVER__DEV_DEMO": "true",
+            }
+        )
         for name in ("broker", "gateway"):
-            proc = subprocess.Popen([sys.executable, "-m", name], env=env,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen([sys.executable, "-m", name], env=env, stdin=subprocess.DEVNULL)
             children.append((name, proc))
         _wait_ready(f"http://127.0.0.1:{args.broker_port}/readyz", 20, children[0][1])
         _wait_ready(f"http://127.0.0.1:{args.port}/readyz", 20, children[1][1])
-        token = mint(AuthSettings(secret=secret), args.user, name=args.user.capitalize(),
-                     ttl_seconds=7 * 86400)
+        token = mint(
+            AuthSettings(secret=secret),
+            args.user,
+            name=args.user.capitalize(),
+            ttl_seconds=7 * 86400,
+        )
         print(_banner(args, nats_url, token, secret), flush=True)
         while not stopping:
             for name, proc in children:
                 if proc.poll() is not None:
-                    print(f"rtgate dev: {name} exited with {proc.returncode}; stopping",
-                          file=sys.stderr)
+                    print(
+                        f"rtgate dev: {name} exited with {proc.returncode}; stopping",
+                        file=sys.stderr,
+                    )
                     return 1
             time.sleep(0.2)
         return 0
@@ -379,22 +431,24 @@ def _run_dev(args: argparse.Namespace) -> int:
 
 def _banner(args: argparse.Namespace, nats_url: str, token: str, secret: str) -> str:
     ws = f"ws://127.0.0.1:{args.port}/ws"
-    return "\n".join([
-        "",
-        "rtgate is running",
-        f"  demo        http://127.0.0.1:{args.port}/  (chat page: open it in two windows "
-        "as two names)",
-        f"  WebSocket   {ws}",
-        f"  dev token   {token}",
-        f"              (user {args.user!r}, valid 7 days; connect to {ws}?token=<token>)",
-        f"  more tokens RTGATE_AUTH__SECRET={secret} rtgate token --user bob",
-        f"  metrics     http://127.0.0.1:{args.port}/metrics (gateway), "
-        f"http://127.0.0.1:{args.broker_port}/metrics (broker)",
-        f"  NATS        {nats_url}",
-        f"  state       {Path(args.state_dir).resolve()}",
-        "Press Ctrl-C to stop.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "",
+            "rtgate is running",
+            f"  demo        http://127.0.0.1:{args.port}/  (chat page: open it in two windows "
+            "as two names)",
+            f"  WebSocket   {ws}",
+            f"  dev token   {token}",
+            f"              (user {args.user!r}, valid 7 days; connect to {ws}?token=<token>)",
+            f"  more tokens RTGATE_AUTH__SECRET={secret} rtgate token --user bob",
+            f"  metrics     http://127.0.0.1:{args.port}/metrics (gateway), "
+            f"http://127.0.0.1:{args.broker_port}/metrics (broker)",
+            f"  NATS        {nats_url}",
+            f"  state       {Path(args.state_dir).resolve()}",
+            "Press Ctrl-C to stop.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def find_binary() -> str:
     return found
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
-                  ) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
@@ -51,8 +52,9 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
 class NatsServer:
     """One nats-server with JetStream on 127.0.0.1, stoppable and restartable on its port."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None
-                 ) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, log_file: Path | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.log_file = log_file
@@ -65,15 +67,26 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0, monitor: bool = False) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [find_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                "-sd", str(self.store_dir), "--server_name", f"rtgate-{self.port}"]
+        args = [
+            find_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "--server_name",
+            f"rtgate-{self.port}",
+        ]
         if monitor:
             self.monitor_port = self.monitor_port or free_port()
             args += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         finally:
             if self.log_file:
                 out.close()  # type: ignore[union-attr]

@@ -26,8 +26,9 @@ from tests.wsclient import WsClient
 SECRET = "test-secret-0123456789abcdef0123456789"
 
 
-async def wait_until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10,
-                     pause: float = 0.02) -> None:
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 10, pause: float = 0.02
+) -> None:
     """Poll ``check`` until it holds. Only for state that announces nothing: another
     process's view (a presence service, a metric) or a service's internal table.
     Where an event exists (a frame, a close), wait for the event instead."""
@@ -49,19 +50,23 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
-def gateway_config(nats_url: str, gateway_id: str = "gw1", **sections: dict[str, Any]
-                   ) -> GatewayConfig:
+def gateway_config(
+    nats_url: str, gateway_id: str = "gw1", **sections: dict[str, Any]
+) -> GatewayConfig:
     """A test gateway config; ``sections`` override fields, e.g. limits={"max_rooms": 2}."""
     base = GatewayConfig(
         server=ServerSettings(id=gateway_id, heartbeat_seconds=30),
         auth=AuthSettings(secret=SECRET, timeout_seconds=5),
-        nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, ack_timeout=3,
-                          request_timeout=2),
+        nats=NatsSettings(
+            urls=(nats_url,), reconnect_time_wait=0.2, ack_timeout=3, request_timeout=2
+        ),
         streams=StreamSettings(stats_interval_seconds=0.5),
         limits=LimitSettings(),
     )
-    changes = {name: dataclasses.replace(getattr(base, name), **fields)
-               for name, fields in sections.items()}
+    changes = {
+        name: dataclasses.replace(getattr(base, name), **fields)
+        for name, fields in sections.items()
+    }
     return dataclasses.replace(base, **changes)
 
 
@@ -89,8 +94,9 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 async def make_gateway(nats_server: NatsServer) -> AsyncIterator[GatewayFactory]:
     servers: list[TestServer] = []
 
-    async def make(gateway_id: str = "gw1", nats_url: str | None = None,
-                   **sections: dict[str, Any]) -> Gateway:
+    async def make(
+        gateway_id: str = "gw1", nats_url: str | None = None, **sections: dict[str, Any]
+    ) -> Gateway:
         config = gateway_config(nats_url or nats_server.url, gateway_id, **sections)
         app = create_app(config)
         server = TestServer(app, host="127.0.0.1")
@@ -120,9 +126,15 @@ async def connect() -> AsyncIterator[ClientFactory]:
     """Open authenticated clients (welcome consumed) and close them all at the end."""
     clients: list[WsClient] = []
 
-    async def open_client(gw: Gateway, user: str = "alice", *, welcome: bool = True,
-                          msgpack_: bool = False, token_: str | None = None, **kwargs: Any
-                          ) -> WsClient:
+    async def open_client(
+        gw: Gateway,
+        user: str = "alice",
+        *,
+        welcome: bool = True,
+        msgpack_: bool = False,
+        token_: str | None = None,
+        **kwargs: Any,
+    ) -> WsClient:
         tok = token_ if token_ is not None else token(user, **kwargs)
         client = await WsClient.connect(gw.url, token=tok, msgpack_=msgpack_)
         clients.append(client)
@@ -145,8 +157,12 @@ def procs(nats_server: NatsServer, tmp_path: Path) -> Iterator[Any]:
     p.stop()
 
 
-async def pair_in_room(make_gateway: GatewayFactory, connect: ClientFactory, room: str = "lobby",
-                       **sections: dict[str, Any]) -> tuple[Gateway, Gateway, WsClient, WsClient]:
+async def pair_in_room(
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    room: str = "lobby",
+    **sections: dict[str, Any],
+) -> tuple[Gateway, Gateway, WsClient, WsClient]:
     """Two gateways; alice on the first and bob on the second, both joined to ``room``."""
     gw1 = await make_gateway("gw1", **sections)
     gw2 = await make_gateway("gw2", **sections)
@@ -162,13 +178,18 @@ BrokerFactory = Callable[..., Awaitable[Broker]]
 
 # Presence timing for tests: deaths, grace and takeovers in about a second.
 FAST_PRESENCE: dict[str, Any] = {
-    "heartbeat_seconds": 0.5, "missed_heartbeats": 3, "grace_seconds": 1.0,
-    "settle_seconds": 0.2, "lease_ttl_seconds": 2, "snapshot_interval_seconds": 0.2,
+    "heartbeat_seconds": 0.5,
+    "missed_heartbeats": 3,
+    "grace_seconds": 1.0,
+    "settle_seconds": 0.2,
+    "lease_ttl_seconds": 2,
+    "snapshot_interval_seconds": 0.2,
 }
 
 
-def broker_config(nats_url: str, state: Path, presence: dict[str, Any] | None = None,
-                  **broker: Any) -> BrokerConfig:
+def broker_config(
+    nats_url: str, state: Path, presence: dict[str, Any] | None = None, **broker: Any
+) -> BrokerConfig:
     return BrokerConfig(
         broker=dataclasses.replace(BrokerSettings(id="b1", state_dir=str(state)), **broker),
         nats=NatsSettings(urls=(nats_url,), reconnect_time_wait=0.2, request_timeout=2),
@@ -183,8 +204,7 @@ async def make_broker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[
     brokers: list[Broker] = []
 
     async def make(presence: dict[str, Any] | None = None, **broker: Any) -> Broker:
-        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", presence,
-                                        **broker))
+        instance = Broker(broker_config(nats_server.url, tmp_path / "broker", presence, **broker))
         await instance.start()
         brokers.append(instance)
         return instance

@@ -27,12 +27,17 @@ CLUSTER = CONFIG_DIR / "nats-cluster.conf"
 GATEWAY_USER = "rtgate-gateway"
 BROKER_USER = "rtgate-broker"
 BACKEND_USER = "rtgate-backend"
-PASSWORDS = {GATEWAY_USER: "gw-pass-0123456789", BROKER_USER: "broker-pass-0123456789",
-             BACKEND_USER: "backend-pass-0123456789"}
+PASSWORDS = {
+    GATEWAY_USER: "gw-pass-0123456789",
+    BROKER_USER: "broker-pass-0123456789",
+    BACKEND_USER: "backend-pass-0123456789",
+}
 # The environment the config files read the passwords from.
-PASSWORD_ENV = {"RTGATE_NATS_GATEWAY_PASSWORD": PASSWORDS[GATEWAY_USER],
-                "RTGATE_NATS_BROKER_PASSWORD": PASSWORDS[BROKER_USER],
-                "RTGATE_NATS_BACKEND_PASSWORD": PASSWORDS[BACKEND_USER]}
+PASSWORD_ENV = {
+    "RTGATE_NATS_GATEWAY_PASSWORD": PASSWORDS[GATEWAY_USER],
+    "RTGATE_NATS_BROKER_PASSWORD": PASSWORDS[BROKER_USER],
+    "RTGATE_NATS_BACKEND_PASSWORD": PASSWORDS[BACKEND_USER],
+}
 ROUTE_PASSWORD = "route-pass-0123456789"
 
 VIOLATION = re.compile(r"(Publish|Subscription) Violation.*")
@@ -58,8 +63,9 @@ def user_env(user: str) -> dict[str, Any]:
 class ConfiguredNats:
     """One nats-server started with ``-c`` on a generated copy of a shipped file."""
 
-    def __init__(self, name: str, conf: Path, port: int, monitor_port: int, log: Path,
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, conf: Path, port: int, monitor_port: int, log: Path, env: dict[str, str]
+    ) -> None:
         self.name = name
         self.conf = conf
         self.port = port
@@ -74,9 +80,14 @@ class ConfiguredNats:
 
     def start(self, timeout: float = 10.0) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([find_binary(), "-c", str(self.conf)], env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [find_binary(), "-c", str(self.conf)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         wait_for_port("127.0.0.1", self.port, timeout, self.proc)
 
     def kill(self) -> None:
@@ -95,8 +106,9 @@ class ConfiguredNats:
                 self.proc.wait()
 
     def monitor(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}",
-                                    timeout=2) as resp:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.monitor_port}{path}", timeout=2
+        ) as resp:
             body: dict[str, Any] = json.loads(resp.read())
             return body
 
@@ -109,15 +121,24 @@ class ConfiguredNats:
 def single_node(tmp_path: Path, env: dict[str, str] | None = None) -> ConfiguredNats:
     """config/nats-server.conf on free ports with its store in tmp_path (not started)."""
     port, monitor = free_port(), free_port()
-    text = substitute(SINGLE.read_text(), [
-        (r"^listen: 127\.0\.0\.1:4222$", f"listen: 127.0.0.1:{port}"),
-        (r"^http: 127\.0\.0\.1:8222$", f"http: 127.0.0.1:{monitor}"),
-        (r'^  store_dir: "\./state/nats"$', f'  store_dir: "{tmp_path / "nats-store"}"'),
-    ])
+    text = substitute(
+        SINGLE.read_text(),
+        [
+            (r"^listen: 127\.0\.0\.1:4222$", f"listen: 127.0.0.1:{port}"),
+            (r"^http: 127\.0\.0\.1:8222$", f"http: 127.0.0.1:{monitor}"),
+            (r'^  store_dir: "\./state/nats"$', f'  store_dir: "{tmp_path / "nats-store"}"'),
+        ],
+    )
     conf = tmp_path / "nats-server.conf"
     conf.write_text(text)
-    return ConfiguredNats("nats", conf, port, monitor, tmp_path / "nats.log",
-                          env_without_rtgate({**PASSWORD_ENV, **(env or {})}))
+    return ConfiguredNats(
+        "nats",
+        conf,
+        port,
+        monitor,
+        tmp_path / "nats.log",
+        env_without_rtgate({**PASSWORD_ENV, **(env or {})}),
+    )
 
 
 def cluster(tmp_path: Path, size: int = 3) -> list[ConfiguredNats]:
@@ -128,24 +149,36 @@ def cluster(tmp_path: Path, size: int = 3) -> list[ConfiguredNats]:
     ports and store directory.
     """
     ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
-    routes = ", ".join(f"nats-route://rtgate-route:{ROUTE_PASSWORD}@127.0.0.1:{p[1]}"
-                       for p in ports)
+    routes = ", ".join(
+        f"nats-route://rtgate-route:{ROUTE_PASSWORD}@127.0.0.1:{p[1]}" for p in ports
+    )
     nodes = []
     for i, (client, route, monitor) in enumerate(ports, start=1):
-        text = substitute(CLUSTER.read_text(), [
-            (r"^listen: 0\.0\.0\.0:4222$", f"listen: 127.0.0.1:{client}"),
-            (r"^http: 127\.0\.0\.1:8222$", f"http: 127.0.0.1:{monitor}"),
-            (r'^  store_dir: "/var/lib/nats-server/jetstream"$',
-             f'  store_dir: "{tmp_path / f"nats-{i}-store"}"'),
-            (r"^  listen: 0\.0\.0\.0:6222$", f"  listen: 127.0.0.1:{route}"),
-        ])
+        text = substitute(
+            CLUSTER.read_text(),
+            [
+                (r"^listen: 0\.0\.0\.0:4222$", f"listen: 127.0.0.1:{client}"),
+                (r"^http: 127\.0\.0\.1:8222$", f"http: 127.0.0.1:{monitor}"),
+                (
+                    r'^  store_dir: "/var/lib/nats-server/jetstream"$',
+                    f'  store_dir: "{tmp_path / f"nats-{i}-store"}"',
+                ),
+                (r"^  listen: 0\.0\.0\.0:6222$", f"  listen: 127.0.0.1:{route}"),
+            ],
+        )
         conf = tmp_path / f"nats-{i}.conf"
         conf.write_text(text)
-        env = env_without_rtgate({**PASSWORD_ENV, "RTGATE_NATS_SERVER_NAME": f"rtgate-nats-{i}",
-                                  "RTGATE_NATS_ROUTE_PASSWORD": ROUTE_PASSWORD,
-                                  "RTGATE_NATS_ROUTES": f"[{routes}]"})
-        nodes.append(ConfiguredNats(f"nats-{i}", conf, client, monitor,
-                                    tmp_path / f"nats-{i}.log", env))
+        env = env_without_rtgate(
+            {
+                **PASSWORD_ENV,
+                "RTGATE_NATS_SERVER_NAME": f"rtgate-nats-{i}",
+                "RTGATE_NATS_ROUTE_PASSWORD": ROUTE_PASSWORD,
+                "RTGATE_NATS_ROUTES": f"[{routes}]",
+            }
+        )
+        nodes.append(
+            ConfiguredNats(f"nats-{i}", conf, client, monitor, tmp_path / f"nats-{i}.log", env)
+        )
     return nodes
 
 

@@ -12,14 +12,23 @@ from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, token
 from tests.wsclient import WsClient
 
 
-async def _http_get(gw: Gateway, params: dict[str, str] | None = None,
-                    headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as session, session.get(
-        gw.url, params=params,
-        headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                 **(headers or {})},
-    ) as resp:
+async def _http_get(
+    gw: Gateway, params: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.url,
+            params=params,
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                **(headers or {}),
+            },
+        ) as resp,
+    ):
         return resp.status, await resp.json()
 
 
@@ -27,22 +36,23 @@ async def _http_get(gw: Gateway, params: dict[str, str] | None = None,
     "bad_token, reason",
     [
         (jwt.encode({"sub": "alice", "exp": int(time.time()) - 5}, SECRET, "HS256"), "expired"),
-        (jwt.encode({"sub": "alice"}, "another-secret-0123456789abcdef0123", "HS256"),
-         "signature"),
+        (jwt.encode({"sub": "alice"}, "another-secret-0123456789abcdef0123", "HS256"), "signature"),
         (jwt.encode({"sub": "alice"}, None, "none"), "algorithm"),
         (jwt.encode({"name": "no sub"}, SECRET, "HS256"), "sub"),
         ("not-a-jwt", "invalid"),
     ],
     ids=["expired", "wrong-key", "alg-none", "no-sub", "garbage"],
 )
-async def test_bad_handshake_token_gets_401_json(gateway: Gateway, bad_token: str,
-                                                  reason: str) -> None:
+async def test_bad_handshake_token_gets_401_json(
+    gateway: Gateway, bad_token: str, reason: str
+) -> None:
     for where in ("query", "header"):
         if where == "query":
             status, body = await _http_get(gateway, params={"token": bad_token})
         else:
-            status, body = await _http_get(gateway,
-                                           headers={"Authorization": f"Bearer {bad_token}"})
+            status, body = await _http_get(
+                gateway, headers={"Authorization": f"Bearer {bad_token}"}
+            )
         assert status == 401
         error = body["error"]
         assert isinstance(error, dict) and error["code"] == "unauthenticated"
@@ -91,8 +101,9 @@ async def test_no_auth_in_time_closes_4408(make_gateway: GatewayFactory) -> None
         await client.close()
 
 
-async def test_token_expiry_while_connected_closes_4401(gateway: Gateway,
-                                                        connect: ClientFactory) -> None:
+async def test_token_expiry_while_connected_closes_4401(
+    gateway: Gateway, connect: ClientFactory
+) -> None:
     client = await connect(gateway, "alice", ttl_seconds=1.5)
     await client.ok("room:join", "lobby")
     started = time.monotonic()
@@ -102,12 +113,11 @@ async def test_token_expiry_while_connected_closes_4401(gateway: Gateway,
 
 async def test_wrong_audience_and_issuer(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(auth={"audience": "rtgate", "issuer": "https://auth.example"})
-    good = jwt.encode({"sub": "a", "aud": "rtgate", "iss": "https://auth.example"}, SECRET,
-                      "HS256")
-    wrong_aud = jwt.encode({"sub": "a", "aud": "other", "iss": "https://auth.example"}, SECRET,
-                           "HS256")
-    wrong_iss = jwt.encode({"sub": "a", "aud": "rtgate", "iss": "https://evil"}, SECRET,
-                           "HS256")
+    good = jwt.encode({"sub": "a", "aud": "rtgate", "iss": "https://auth.example"}, SECRET, "HS256")
+    wrong_aud = jwt.encode(
+        {"sub": "a", "aud": "other", "iss": "https://auth.example"}, SECRET, "HS256"
+    )
+    wrong_iss = jwt.encode({"sub": "a", "aud": "rtgate", "iss": "https://evil"}, SECRET, "HS256")
     assert (await _http_get(gw, params={"token": wrong_aud}))[0] == 401
     assert (await _http_get(gw, params={"token": wrong_iss}))[0] == 401
     client = await WsClient.connect(gw.url, token=good)
@@ -138,8 +148,9 @@ async def test_identity_comes_from_the_token(gateway: Gateway, connect: ClientFa
     b = await connect(gateway, "bob")
     for c in (a, b):
         await c.ok("room:join", "lobby")
-    await a.ok("chat:message", {"roomId": "lobby", "content": "hi", "userId": "bob",
-                                "username": "Bob"})
+    await a.ok(
+        "chat:message", {"roomId": "lobby", "content": "hi", "userId": "bob", "username": "Bob"}
+    )
     got = (await b.next("chat:message"))["data"]
     assert got["userId"] == "alice" and got["username"] == "Alice"
 

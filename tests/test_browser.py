@@ -33,16 +33,25 @@ if TYPE_CHECKING:
     from playwright.async_api import Browser, BrowserContext, Locator, Page
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Waits that span a reconnect with backoff, or a presence timeout.
 SLOW_MS = 30_000
 
 
 def _chromium() -> str | None:
-    for candidate in (os.environ.get("RTGATE_TEST_CHROMIUM"), "/usr/bin/chromium",
-                      shutil.which("chromium"), shutil.which("chromium-browser")):
+    for candidate in (
+        os.environ.get("RTGATE_TEST_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -50,12 +59,16 @@ def _chromium() -> str | None:
 
 CHROMIUM = _chromium()
 needs_browser = [
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="Playwright is not installed: pip install playwright "
-                              "(its browser download is not needed)"),
-    pytest.mark.skipif(CHROMIUM is None,
-                       reason="no Chromium found (/usr/bin/chromium, chromium on PATH, or "
-                              "$RTGATE_TEST_CHROMIUM): apt-get install chromium"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None,
+        reason="Playwright is not installed: pip install playwright "
+        "(its browser download is not needed)",
+    ),
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium found (/usr/bin/chromium, chromium on PATH, or "
+        "$RTGATE_TEST_CHROMIUM): apt-get install chromium",
+    ),
 ]
 
 
@@ -143,8 +156,11 @@ class Demo:
 
     def messages(self, text: str) -> Locator:
         """Stored messages on screen with exactly this text (not the pending ones)."""
-        return (self.page.get_by_test_id("message").get_by_test_id("message-text")
-                .filter(has_text=re.compile(f"^{re.escape(text)}$")))
+        return (
+            self.page.get_by_test_id("message")
+            .get_by_test_id("message-text")
+            .filter(has_text=re.compile(f"^{re.escape(text)}$"))
+        )
 
     def member(self, user: str) -> Locator:
         return self.page.locator(f'[data-testid="member"][data-user="{user}"]')
@@ -166,7 +182,8 @@ async def _open(browser: Browser, url: str, name: str, shots: Path) -> Demo:
 @needs_browser[0]
 @needs_browser[1]
 async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
-        procs: Procs, tmp_path: Path) -> None:
+    procs: Procs, tmp_path: Path
+) -> None:
     from playwright.async_api import async_playwright, expect
 
     # Room for a busy CI machine; every wait still ends as soon as its condition holds.
@@ -183,10 +200,12 @@ async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            a = await _open(browser, f"http://127.0.0.1:{port1}/?gateways={ws1},{ws2}",
-                            "alice", shots)
-            b = await _open(browser, f"http://127.0.0.1:{port2}/?gateways={ws2},{ws1}",
-                            "bob", shots)
+            a = await _open(
+                browser, f"http://127.0.0.1:{port1}/?gateways={ws1},{ws2}", "alice", shots
+            )
+            b = await _open(
+                browser, f"http://127.0.0.1:{port2}/?gateways={ws2},{ws1}", "bob", shots
+            )
             await expect(a.page.get_by_test_id("gateway")).to_have_text("gw1")
             await expect(b.page.get_by_test_id("gateway")).to_have_text("gw2")
             await a.join(room)
@@ -214,8 +233,7 @@ async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
             await a.context.set_offline(True)
             gw1.send_signal(signal.SIGKILL)
             gw1.wait()
-            await expect(a.status).to_have_attribute("data-state", "reconnecting",
-                                                     timeout=SLOW_MS)
+            await expect(a.status).to_have_attribute("data-state", "reconnecting", timeout=SLOW_MS)
             await a.send("queued by alice")
             await expect(a.status).to_contain_text("1 queued")
             await expect(a.page.get_by_test_id("message-pending")).to_have_count(1)
@@ -229,16 +247,16 @@ async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
             await expect(b.member("alice")).to_have_count(0, timeout=SLOW_MS)
 
             await a.context.set_offline(False)
-            await expect(a.status).to_have_attribute("data-state", "connected",
-                                                     timeout=SLOW_MS)
+            await expect(a.status).to_have_attribute("data-state", "connected", timeout=SLOW_MS)
             await expect(a.page.get_by_test_id("gateway")).to_have_text("gw2")
             for text in meanwhile:
                 await expect(a.messages(text)).to_have_count(1)
             await expect(a.messages("queued by alice")).to_have_count(1)
             await expect(a.page.get_by_test_id("message-pending")).to_have_count(0)
             await expect(b.messages("queued by alice")).to_have_count(1)
-            await expect(b.member("alice")).to_have_attribute("data-status", "online",
-                                                              timeout=SLOW_MS)
+            await expect(b.member("alice")).to_have_attribute(
+                "data-status", "online", timeout=SLOW_MS
+            )
             await a.shoot("a-back")
 
             # A third user, late, pages back through history three at a time.
@@ -255,7 +273,8 @@ async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
                 await c.page.wait_for_function(
                     "n => document.querySelectorAll('[data-testid=message]').length > n"
                     " || document.querySelector('[data-testid=load-older]').disabled",
-                    arg=before)
+                    arg=before,
+                )
             await expect(shown).to_have_count(len(everything))
             await expect(older).to_have_text("No older messages")
             await c.shoot("c-history")
@@ -265,12 +284,18 @@ async def test_two_browsers_chat_across_gateways_and_survive_a_gateway_kill(
                 for text in everything:
                     await expect(demo.messages(text)).to_have_count(1)
                 await expect(demo.page.get_by_test_id("messages")).to_have_attribute(
-                    "data-duplicates", "0")
+                    "data-duplicates", "0"
+                )
                 assert demo.errors == [], demo.errors
         finally:
             await browser.close()
 
     assert sorted(p.name for p in shots.iterdir()) == [
-        "a-back.png", "a-chat.png", "a-offline.png", "b-chat.png", "c-history.png"]
+        "a-back.png",
+        "a-chat.png",
+        "a-offline.png",
+        "b-chat.png",
+        "c-history.png",
+    ]
     if os.environ.get("RTGATE_UPDATE_DEMO_PNG") == "1":
         shutil.copyfile(demo_png, ROOT / "docs" / "demo.png")

@@ -58,8 +58,9 @@ class Events:
     def of(self, kind: str) -> list[Any]:
         return [d for k, d in self.seen if k == kind]
 
-    async def next(self, kind: str, timeout: float = 10.0,
-                   where: Callable[[Any], bool] = lambda d: True) -> Any:
+    async def next(
+        self, kind: str, timeout: float = 10.0, where: Callable[[Any], bool] = lambda d: True
+    ) -> Any:
         async with asyncio.timeout(timeout):
             while True:
                 for i, (k, d) in enumerate(self.seen):
@@ -93,8 +94,9 @@ async def clients() -> AsyncIterator[Callable[..., Client]]:
         await client.close()
 
 
-async def _online(make: Callable[..., Client], urls: Any, user: str, *rooms: str,
-                  **options: Any) -> tuple[Client, Events]:
+async def _online(
+    make: Callable[..., Client], urls: Any, user: str, *rooms: str, **options: Any
+) -> tuple[Client, Events]:
     client = make(urls, user, **options)
     events = Events(client)
     await client.connect()
@@ -109,10 +111,12 @@ def _contents(events: Events, *kinds: str) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["json", "msgpack"])
 async def test_requests_return_ack_data_or_raise_the_servers_code(
-        fmt: str, make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    fmt: str, make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")
-    alice, a_events = await _online(clients, [gw.url], "alice", format=fmt,
-                                    token=token("alice", rooms=["lobby", "team-*"]))
+    alice, a_events = await _online(
+        clients, [gw.url], "alice", format=fmt, token=token("alice", rooms=["lobby", "team-*"])
+    )
     bob, b_events = await _online(clients, gw.url, "bob", "lobby", format=fmt)
     assert alice.state == "connected" and alice.welcome is not None
     assert alice.welcome["gatewayId"] == "gw1" and alice.welcome["userId"] == "alice"
@@ -123,8 +127,10 @@ async def test_requests_return_ack_data_or_raise_the_servers_code(
     assert message["content"] == "hello" and message["userId"] == "alice"
     assert (await b_events.next("chat:message"))["id"] == message["id"]
     assert (await a_events.next("chat:message:sent"))["id"] == message["id"]
-    assert alice.positions()["room:lobby"] == {"offset": message["offset"],
-                                               "epoch": message["epoch"]}
+    assert alice.positions()["room:lobby"] == {
+        "offset": message["offset"],
+        "epoch": message["epoch"],
+    }
 
     with pytest.raises(RtgateError) as forbidden:
         await alice.join("secret")
@@ -147,7 +153,8 @@ async def test_requests_return_ack_data_or_raise_the_servers_code(
 
 
 async def test_listeners_unsubscribe_and_async_callbacks(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")
     alice, _ = await _online(clients, gw.url, "alice", "lobby")
     bob, b_events = await _online(clients, gw.url, "bob", "lobby")
@@ -174,8 +181,9 @@ async def test_listeners_unsubscribe_and_async_callbacks(
     assert _contents(b_events, "chat:message") == ["one", "two"]
 
 
-async def test_ack_timeout(nats_server: NatsServer, make_gateway: GatewayFactory,
-                           clients: Callable[..., Client]) -> None:
+async def test_ack_timeout(
+    nats_server: NatsServer, make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1", nats={"request_timeout": 0.8})
     alice, _ = await _online(clients, gw.url, "alice")
     # A history service that takes the request and never answers: the gateway
@@ -198,7 +206,8 @@ async def test_ack_timeout(nats_server: NatsServer, make_gateway: GatewayFactory
 
 
 async def test_reconnects_to_the_other_gateway_when_one_stops(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     edge = {"reconnect_jitter_ms": 300}
     gw1 = await make_gateway("gw1", edge=edge)
     gw2 = await make_gateway("gw2", edge=edge)
@@ -227,7 +236,8 @@ async def test_reconnects_to_the_other_gateway_when_one_stops(
 
 
 async def test_offline_queue_is_flushed_in_order_after_reconnect(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw1 = await make_gateway("gw1")
     gw2 = await make_gateway("gw2")
     clock = ManualClock()
@@ -253,7 +263,8 @@ async def test_offline_queue_is_flushed_in_order_after_reconnect(
 
 
 async def test_queue_overflow_drops_the_oldest_and_counts(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")
     _, b_events = await _online(clients, gw.url, "bob")
     alice = clients(gw.url, "alice", queue_limit=5)
@@ -273,7 +284,8 @@ async def test_queue_overflow_drops_the_oldest_and_counts(
 
 
 async def test_a_long_queue_is_paced_to_the_servers_rate_limit(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     # Unpaced, 40 frames against a bucket of 10 would mostly be refused `rate_limited`.
     gw = await make_gateway("gw1", limits={"rate_per_second": 20.0, "rate_burst": 10})
     _, b_events = await _online(clients, gw.url, "bob", "lobby")
@@ -296,15 +308,19 @@ async def test_a_long_queue_is_paced_to_the_servers_rate_limit(
 
 
 async def test_resume_after_a_gateway_is_killed_loses_and_repeats_nothing(
-        nats_server: NatsServer, tmp_path: Path, make_gateway: GatewayFactory,
-        clients: Callable[..., Client]) -> None:
+    nats_server: NatsServer,
+    tmp_path: Path,
+    make_gateway: GatewayFactory,
+    clients: Callable[..., Client],
+) -> None:
     procs = Procs(nats_server.url, tmp_path)
     try:
         victim, port = procs.gateway("doomed")
         survivor = await make_gateway("survivor")
         clock = ManualClock()
-        alice, events = await _online(clients, [f"ws://127.0.0.1:{port}/ws", survivor.url],
-                                      "alice", "lobby", clock=clock)
+        alice, events = await _online(
+            clients, [f"ws://127.0.0.1:{port}/ws", survivor.url], "alice", "lobby", clock=clock
+        )
         bob, b_events = await _online(clients, survivor.url, "bob", "lobby")
         for i in range(3):
             await bob.send_message("lobby", f"b{i}")
@@ -313,8 +329,7 @@ async def test_resume_after_a_gateway_is_killed_loses_and_repeats_nothing(
         await bob.direct("alice", "hi")
         await events.next("direct:message")
         # Alice sends 20 without waiting; the gateway dies under some of them.
-        sends = [asyncio.ensure_future(alice.send_message("lobby", f"a{i}"))
-                 for i in range(20)]
+        sends = [asyncio.ensure_future(alice.send_message("lobby", f"a{i}")) for i in range(20)]
         await b_events.count("chat:message", 5)
         victim.send_signal(signal.SIGKILL)
         lost = await events.next("disconnect")
@@ -341,10 +356,8 @@ async def test_resume_after_a_gateway_is_killed_loses_and_repeats_nothing(
 
         # Exactly once each, in order, on both sides.
         got = [d for k, d in events.seen if k in ("chat:message", "chat:message:sent")]
-        assert [d["content"] for d in got if d["userId"] == "bob"] == \
-            [f"b{i}" for i in range(14)]
-        assert [d["content"] for d in got if d["userId"] == "alice"] == \
-            [f"a{i}" for i in range(21)]
+        assert [d["content"] for d in got if d["userId"] == "bob"] == [f"b{i}" for i in range(14)]
+        assert [d["content"] for d in got if d["userId"] == "alice"] == [f"a{i}" for i in range(21)]
         assert len({d["id"] for d in got}) == len(got)
         offsets = [d["offset"] for d in got]
         assert offsets == sorted(offsets)
@@ -355,7 +368,8 @@ async def test_resume_after_a_gateway_is_killed_loses_and_repeats_nothing(
 
 
 async def test_token_provider_is_asked_again_after_4401(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     # No auth:expiring notice: the token runs out and the gateway closes 4401.
     gw = await make_gateway("gw1", auth={"expiring_notice_seconds": 0})
     bob, _ = await _online(clients, gw.url, "bob", "lobby")
@@ -365,8 +379,9 @@ async def test_token_provider_is_asked_again_after_4401(
         issued.append(token("alice", ttl_seconds=1 if not issued else 3600))
         return issued[-1]
 
-    _, events = await _online(clients, gw.url, "alice", "lobby", token_provider=provider,
-                              backoff=FAST)
+    _, events = await _online(
+        clients, gw.url, "alice", "lobby", token_provider=provider, backoff=FAST
+    )
     lost = await events.next("disconnect")
     assert lost == {"code": 4401, "reason": "token expired", "willReconnect": True}
     assert (await events.next("reconnecting"))["delay"] == 0.0
@@ -377,7 +392,8 @@ async def test_token_provider_is_asked_again_after_4401(
 
 
 async def test_auth_expiring_refreshes_the_token_in_place(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")  # auth:expiring 60 s ahead: at once for a 1 s token
     issued: list[str] = []
 
@@ -398,12 +414,18 @@ async def test_auth_expiring_refreshes_the_token_in_place(
 
 
 async def test_no_reconnect_after_a_final_close(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1", server={"api_key": API_KEY, "id": "gw1"})
     alice, events = await _online(clients, gw.url, "alice", "lobby", backoff=FAST)
-    async with aiohttp.ClientSession() as http, http.post(
-            gw.http("/api/users/alice/disconnect"), json={"reconnect": False, "reason": "bye"},
-            headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            gw.http("/api/users/alice/disconnect"),
+            json={"reconnect": False, "reason": "bye"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp,
+    ):
         assert resp.status == 200
     final = await events.next("disconnect")
     assert final == {"code": 4403, "reason": "bye", "willReconnect": False}
@@ -419,7 +441,8 @@ async def test_no_reconnect_after_a_final_close(
 
 
 async def test_reconnect_timing_follows_the_injected_clock(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")
     dead = [f"ws://127.0.0.1:{free_port()}/ws" for _ in range(3)]
     clock = ManualClock()
@@ -432,8 +455,7 @@ async def test_reconnect_timing_follows_the_injected_clock(
     for attempt in (1, 2, 3):
         retry = await events.next("reconnecting")
         delay = expected.random() * b.ceiling(attempt)
-        assert retry == {"attempt": attempt, "delay": delay,
-                         "url": [*dead, gw.url][attempt]}
+        assert retry == {"attempt": attempt, "delay": delay, "url": [*dead, gw.url][attempt]}
         await clock.wait_for_sleeper(delay)
         clock.advance(delay * 0.99)
         for _ in range(5):  # a wrong timer would fire now
@@ -459,7 +481,8 @@ async def test_reconnect_timing_follows_the_injected_clock(
 
 
 async def test_typing_is_throttled_and_ends_with_the_last_state(
-        make_gateway: GatewayFactory, clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, clients: Callable[..., Client]
+) -> None:
     gw = await make_gateway("gw1")
     alice, _ = await _online(clients, gw.url, "alice", "lobby", typing_interval=0.3)
     _, b_events = await _online(clients, gw.url, "bob", "lobby")
@@ -471,8 +494,8 @@ async def test_typing_is_throttled_and_ends_with_the_last_state(
 
 
 async def test_history_and_presence_helpers_and_watches_that_survive_a_reconnect(
-        make_gateway: GatewayFactory, make_broker: BrokerFactory,
-        clients: Callable[..., Client]) -> None:
+    make_gateway: GatewayFactory, make_broker: BrokerFactory, clients: Callable[..., Client]
+) -> None:
     await make_broker(presence=FAST_PRESENCE)
     presence = dict(FAST_PRESENCE, visibility="all")
     edge = {"reconnect_jitter_ms": 100}
@@ -519,7 +542,8 @@ async def test_history_and_presence_helpers_and_watches_that_survive_a_reconnect
 
 
 async def test_gateway_and_client_in_one_msgpack_round_trip_with_binary_safe_data(
-        gateway: Gateway, clients: Callable[..., Client]) -> None:
+    gateway: Gateway, clients: Callable[..., Client]
+) -> None:
     alice, _ = await _online(clients, gateway.url, "alice", "lobby", format="msgpack")
     _, b_events = await _online(clients, gateway.url, "bob", "lobby", format="msgpack")
     await alice.room_event("lobby", "cursor:move", {"x": 1, "y": [2, 3]})

@@ -29,9 +29,9 @@ PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 def test_backoff_ceiling_grows_by_the_factor_up_to_the_cap() -> None:
     b = Backoff()
     assert [round(b.ceiling(n), 4) for n in range(1, 6)] == [1.0, 1.5, 2.25, 3.375, 5.0625]
-    assert b.ceiling(9) == pytest.approx(1.5 ** 8)  # 25.6
+    assert b.ceiling(9) == pytest.approx(1.5**8)  # 25.6
     assert b.ceiling(10) == 30.0 and b.ceiling(100) == 30.0
-    assert b.ceiling(10 ** 9) == 30.0  # no float overflow for a client that never gives up
+    assert b.ceiling(10**9) == 30.0  # no float overflow for a client that never gives up
 
 
 def test_backoff_full_jitter_stays_within_bounds_and_spreads() -> None:
@@ -51,7 +51,7 @@ def test_backoff_full_jitter_stays_within_bounds_and_spreads() -> None:
 
 
 def test_backoff_attempts_run_out_only_when_limited() -> None:
-    assert not Backoff().exhausted(10 ** 6)
+    assert not Backoff().exhausted(10**6)
     b = Backoff(max_attempts=3)
     assert not b.exhausted(3) and b.exhausted(4)
     assert Backoff(max_attempts=0).exhausted(1)
@@ -126,8 +126,9 @@ def test_decisions_per_close_code() -> None:
 
 
 def _entry(n: int, durable: bool = False) -> Entry:
-    return Entry("chat:message" if durable else "ping", {"n": n}, durable=durable,
-                 idempotent=not durable)
+    return Entry(
+        "chat:message" if durable else "ping", {"n": n}, durable=durable, idempotent=not durable
+    )
 
 
 def _drain(box: Outbox, now: float) -> list[Entry]:
@@ -220,16 +221,28 @@ def test_durable_frames_older_than_the_dedup_window_are_failed_not_resent() -> N
 EPOCH = "1764331200123456"
 
 
-def _msg(room: str, offset: int, prev: int, epoch: str = EPOCH, kind: str = "chat:message"
-         ) -> tuple[str, dict[str, Any]]:
-    return kind, {"roomId": room, "content": f"m{offset}", "id": f"{epoch}-{offset}",
-                  "offset": offset, "epoch": epoch, "prevOffset": prev}
+def _msg(
+    room: str, offset: int, prev: int, epoch: str = EPOCH, kind: str = "chat:message"
+) -> tuple[str, dict[str, Any]]:
+    return kind, {
+        "roomId": room,
+        "content": f"m{offset}",
+        "id": f"{epoch}-{offset}",
+        "offset": offset,
+        "epoch": epoch,
+        "prevOffset": prev,
+    }
 
 
 def _dm(offset: int, prev: int, epoch: str = "99") -> tuple[str, dict[str, Any]]:
-    return "direct:message", {"toUserId": "alice", "content": f"d{offset}",
-                              "id": f"{epoch}-{offset}", "offset": offset, "epoch": epoch,
-                              "prevOffset": prev}
+    return "direct:message", {
+        "toUserId": "alice",
+        "content": f"d{offset}",
+        "id": f"{epoch}-{offset}",
+        "offset": offset,
+        "epoch": epoch,
+        "prevOffset": prev,
+    }
 
 
 def _joined(room: str = "lobby", offset: int = 10) -> Recovery:
@@ -248,8 +261,14 @@ def test_positions_follow_frames_including_own_sent_and_frames_before_the_join_a
     assert r.observe(*_msg("lobby", 15, 12, kind="chat:message:sent")).deliver
     assert r.position(room_channel("lobby")) == Position(15, EPOCH)
     # Durable room events share the chain; ephemeral ones are not tracked.
-    event = {"roomId": "lobby", "event": "x", "id": f"{EPOCH}-17", "offset": 17, "epoch": EPOCH,
-             "prevOffset": 15}
+    event = {
+        "roomId": "lobby",
+        "event": "x",
+        "id": f"{EPOCH}-17",
+        "offset": 17,
+        "epoch": EPOCH,
+        "prevOffset": 15,
+    }
     assert r.observe("room:event", event).deliver
     assert r.observe("room:event", {"roomId": "lobby", "event": "y"}).deliver
     assert r.observe("chat:typing", {"roomId": "lobby", "isTyping": True}).deliver
@@ -258,8 +277,10 @@ def test_positions_follow_frames_including_own_sent_and_frames_before_the_join_a
     assert r.observe(*_msg("elsewhere", 3, 0)).deliver
     assert r.position(room_channel("elsewhere")) is None
     assert r.observe(*_dm(4, 0)).deliver
-    assert r.positions() == {"room:lobby": {"offset": 17, "epoch": EPOCH},
-                             "direct": {"offset": 4, "epoch": "99"}}
+    assert r.positions() == {
+        "room:lobby": {"offset": 17, "epoch": EPOCH},
+        "direct": {"offset": 4, "epoch": "99"},
+    }
 
 
 def test_the_same_message_is_delivered_once() -> None:
@@ -282,12 +303,17 @@ def test_gap_while_connected_fills_with_room_join_since_in_order() -> None:
     # The replay: 12, 13, 14, 15, each continuing the chain.
     for off, prev in ((12, 11), (13, 12), (14, 13), (15, 14)):
         assert r.observe(*_msg("lobby", off, prev)).deliver
-    ack = {"roomId": "lobby", "offset": 15, "epoch": EPOCH,
-           "rooms": {"lobby": {"recovered": True, "missed": 4, "offset": 15, "epoch": EPOCH}}}
+    ack = {
+        "roomId": "lobby",
+        "offset": 15,
+        "epoch": EPOCH,
+        "rooms": {"lobby": {"recovered": True, "missed": 4, "offset": 15, "epoch": EPOCH}},
+    }
     settled = r.fill_result(seen.fill, ack)
     assert settled.deliver == []  # the held ones came again in the replay
-    assert settled.events == [{"channel": "room:lobby", "roomId": "lobby", "recovered": True,
-                               "missed": 4}]
+    assert settled.events == [
+        {"channel": "room:lobby", "roomId": "lobby", "recovered": True, "missed": 4}
+    ]
     assert r.position("room:lobby") == Position(15, EPOCH) and not r.filling("room:lobby")
 
 
@@ -329,9 +355,15 @@ def test_resume_frame_and_its_outcomes() -> None:
     r.track("pending")  # its join has no ack yet: sent again after the resume
     data = r.resume_data()
     assert data == {
-        "rooms": {"lobby": {"offset": 10, "epoch": EPOCH}, "team": {"offset": 0, "epoch": EPOCH},
-                  "secret": {"offset": 4, "epoch": EPOCH}, "flaky": {"offset": 7, "epoch": EPOCH}},
-        DIRECT: {"offset": 0, "epoch": ""}, GLOBAL: {"offset": 0, "epoch": ""}}
+        "rooms": {
+            "lobby": {"offset": 10, "epoch": EPOCH},
+            "team": {"offset": 0, "epoch": EPOCH},
+            "secret": {"offset": 4, "epoch": EPOCH},
+            "flaky": {"offset": 7, "epoch": EPOCH},
+        },
+        DIRECT: {"offset": 0, "epoch": ""},
+        GLOBAL: {"offset": 0, "epoch": ""},
+    }
     # Replayed frames, and a live direct message that came before the resume's replay.
     assert r.observe(*_msg("lobby", 11, 10)).deliver
     assert r.observe(*_dm(5, 4)).deliver
@@ -359,10 +391,13 @@ def test_resume_frame_and_its_outcomes() -> None:
     # Next time the inbox and global go in with their positions, and report.
     data = r.resume_data()
     assert data[DIRECT] == {"offset": 5, "epoch": "99"}
-    settled = r.resume_result({"rooms": {}, DIRECT: {"recovered": True, "missed": 0,
-                                                     "offset": 5, "epoch": "99"},
-                               GLOBAL: {"recovered": True, "missed": 0, "offset": 2,
-                                        "epoch": "77"}})
+    settled = r.resume_result(
+        {
+            "rooms": {},
+            DIRECT: {"recovered": True, "missed": 0, "offset": 5, "epoch": "99"},
+            GLOBAL: {"recovered": True, "missed": 0, "offset": 2, "epoch": "77"},
+        }
+    )
     assert {e["channel"] for e in settled.events} >= {DIRECT, GLOBAL}
 
 
@@ -374,8 +409,9 @@ def test_live_direct_message_before_the_resume_replay_is_not_delivered_twice() -
     assert not r.observe(*_dm(9, 7)).deliver
     # The replay brings 7 and 9 after position 3.
     assert r.observe(*_dm(7, 3)).deliver and r.observe(*_dm(9, 7)).deliver
-    settled = r.resume_result({"rooms": {}, DIRECT: {"recovered": True, "missed": 2,
-                                                     "offset": 9, "epoch": "99"}})
+    settled = r.resume_result(
+        {"rooms": {}, DIRECT: {"recovered": True, "missed": 2, "offset": 9, "epoch": "99"}}
+    )
     assert settled.deliver == []
     assert r.position(DIRECT) == Position(9, "99")
 
@@ -453,16 +489,15 @@ def test_typing_throttle_never_loses_the_final_state() -> None:
 
 def test_watches_report_what_changed_while_away() -> None:
     w = Watches()
-    w.subscribed(["bob", "carol", "dave"], {"online": {"bob": True, "carol": False,
-                                                       "dave": True}})
+    w.subscribed(["bob", "carol", "dave"], {"online": {"bob": True, "carol": False, "dave": True}})
     w.event("user:offline", {"userId": "dave", "username": "Dave"})
     w.unsubscribed(["carol"])
     assert w.users == ["bob", "dave"]
     events = w.resubscribed({"online": {"bob": False, "dave": True}, "watching": 2})
-    assert events == [("user:offline", {"userId": "bob", "username": "bob",
-                                        "resubscribed": True}),
-                      ("user:online", {"userId": "dave", "username": "Dave",
-                                       "resubscribed": True})]
+    assert events == [
+        ("user:offline", {"userId": "bob", "username": "bob", "resubscribed": True}),
+        ("user:online", {"userId": "dave", "username": "Dave", "resubscribed": True}),
+    ]
     many = Watches()
     many.subscribed([f"u{i}" for i in range(250)], {"online": {}})
     assert [len(c) for c in many.chunks()] == [100, 100, 50]

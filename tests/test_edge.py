@@ -19,8 +19,9 @@ from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, token
 from tests.wsclient import WsClient
 
 
-async def _handshake(gw: Gateway, headers: dict[str, str] | None = None,
-                     tok: str | None = None) -> tuple[int, dict[str, object]]:
+async def _handshake(
+    gw: Gateway, headers: dict[str, str] | None = None, tok: str | None = None
+) -> tuple[int, dict[str, object]]:
     """Status of a WebSocket handshake; 101 when it upgraded (closed right away)."""
     async with aiohttp.ClientSession() as session:
         try:
@@ -29,21 +30,26 @@ async def _handshake(gw: Gateway, headers: dict[str, str] | None = None,
                 return 101, {}
         except aiohttp.WSServerHandshakeError as exc:
             assert exc.status is not None
-            async with session.get(gw.url, headers={
-                **(headers or {}), "Connection": "Upgrade", "Upgrade": "websocket",
-                "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
-                    params=params) as resp:
+            async with session.get(
+                gw.url,
+                headers={
+                    **(headers or {}),
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+                params=params,
+            ) as resp:
                 body = await resp.json()
             return exc.status, body
 
 
 def test_client_address_and_origin_rules() -> None:
     trusted = admission.parse_networks(["10.0.0.0/8", "::1"])
-    assert admission.client_address("10.1.1.1", "203.0.113.9, 10.2.2.2", trusted) == \
-        "203.0.113.9"
+    assert admission.client_address("10.1.1.1", "203.0.113.9, 10.2.2.2", trusted) == "203.0.113.9"
     # A client's own forged entries sit left of the real one and are skipped.
-    assert admission.client_address("10.1.1.1", "1.1.1.1, 198.51.100.7", trusted) == \
-        "198.51.100.7"
+    assert admission.client_address("10.1.1.1", "1.1.1.1, 198.51.100.7", trusted) == "198.51.100.7"
     # Untrusted peers' headers are ignored.
     assert admission.client_address("192.0.2.1", "1.1.1.1", trusted) == "192.0.2.1"
     assert admission.origin_allowed(None, ("https://app.example",))
@@ -62,36 +68,40 @@ async def test_origin_allowlist(make_gateway: GatewayFactory) -> None:
 
 
 async def test_per_address_connections_with_and_without_trusted_proxy(
-    make_gateway: GatewayFactory
+    make_gateway: GatewayFactory,
 ) -> None:
     direct = await make_gateway("direct", edge={"max_connections_per_address": 2})
     clients = [await WsClient.connect(direct.url, token=token("a")) for _ in range(2)]
     try:
         # A forged X-Forwarded-For from an untrusted peer does not buy a new address.
-        status, body = await _handshake(direct, {"X-Forwarded-For": "198.51.100.1"},
-                                        token("a"))
+        status, body = await _handshake(direct, {"X-Forwarded-For": "198.51.100.1"}, token("a"))
         assert status == 429 and body["error"]["code"] == "rate_limited"  # type: ignore[index]
     finally:
         for c in clients:
             await c.close()
-    proxied = await make_gateway("proxied", edge={"max_connections_per_address": 1,
-                                                  "trusted_proxies": ("127.0.0.1",)})
-    first = await WsClient.connect(proxied.url, token=token("a"),
-                                   headers={"X-Forwarded-For": "198.51.100.1"})
+    proxied = await make_gateway(
+        "proxied", edge={"max_connections_per_address": 1, "trusted_proxies": ("127.0.0.1",)}
+    )
+    first = await WsClient.connect(
+        proxied.url, token=token("a"), headers={"X-Forwarded-For": "198.51.100.1"}
+    )
     try:
         await first.next("welcome")
         # Same real client behind the proxy: refused; another client: fine.
-        assert (await _handshake(proxied, {"X-Forwarded-For": "198.51.100.1"},
-                                 token("a")))[0] == 429
-        assert (await _handshake(proxied, {"X-Forwarded-For": "198.51.100.2"},
-                                 token("a")))[0] == 101
+        assert (await _handshake(proxied, {"X-Forwarded-For": "198.51.100.1"}, token("a")))[
+            0
+        ] == 429
+        assert (await _handshake(proxied, {"X-Forwarded-For": "198.51.100.2"}, token("a")))[
+            0
+        ] == 101
     finally:
         await first.close()
 
 
 async def test_handshake_rate_per_address(make_gateway: GatewayFactory) -> None:
-    gw = await make_gateway(edge={"handshakes_per_second_per_address": 0.5,
-                                  "handshake_burst_per_address": 3})
+    gw = await make_gateway(
+        edge={"handshakes_per_second_per_address": 0.5, "handshake_burst_per_address": 3}
+    )
     statuses = [(await _handshake(gw, None, token("a")))[0] for _ in range(4)]
     assert statuses[:3] == [101, 101, 101] and statuses[3] == 429
 
@@ -111,8 +121,9 @@ async def test_unauthenticated_cap(make_gateway: GatewayFactory) -> None:
             await c.close()
 
 
-async def test_connections_per_user_4429(make_gateway: GatewayFactory,
-                                         connect: ClientFactory) -> None:
+async def test_connections_per_user_4429(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(edge={"max_connections_per_user": 2})
     await connect(gw, "alice")
     await connect(gw, "alice")
@@ -135,12 +146,17 @@ async def test_stats(gateway: Gateway, connect: ClientFactory) -> None:
 def test_sigterm_drains_a_real_gateway(tmp_path: Path, nats_server: NatsServer) -> None:
     port = free_port()
     window = 3.0
-    env = env_without_rtgate({
-        "RTGATE_NATS__URLS": nats_server.url, "RTGATE_SERVER__PORT": str(port),
-        "RTGATE_SERVER__ID": "drain-gw", "RTGATE_AUTH__SECRET": SECRET,
-        "RTGATE_EDGE__DRAIN_SECONDS": str(window), "RTGATE_LOG__LEVEL": "warning",
-        "RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS": "0",
-    })
+    env = env_without_rtgate(
+        {
+            "RTGATE_NATS__URLS": nats_server.url,
+            "RTGATE_SERVER__PORT": str(port),
+            "RTGATE_SERVER__ID": "drain-gw",
+            "RTGATE_AUTH__SECRET": SECRET,
+            "RTGATE_EDGE__DRAIN_SECONDS": str(window),
+            "RTGATE_LOG__LEVEL": "warning",
+            "RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS": "0",
+        }
+    )
     proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
     try:
         asyncio.run(_drain_session(proc, port, window, 200))
@@ -151,8 +167,9 @@ def test_sigterm_drains_a_real_gateway(tmp_path: Path, nats_server: NatsServer) 
             proc.wait()
 
 
-async def _drain_session(proc: subprocess.Popen[bytes], port: int, window: float,
-                         count: int) -> None:
+async def _drain_session(
+    proc: subprocess.Popen[bytes], port: int, window: float, count: int
+) -> None:
     url = f"http://127.0.0.1:{port}"
     # limit=0: the default pool stops at 100 connections.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -164,8 +181,10 @@ async def _drain_session(proc: subprocess.Popen[bytes], port: int, window: float
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
-        sockets = [await session.ws_connect(f"{url}/ws", params={"token": token(f"u{i}")})
-                   for i in range(count)]
+        sockets = [
+            await session.ws_connect(f"{url}/ws", params={"token": token(f"u{i}")})
+            for i in range(count)
+        ]
         for ws in sockets:
             assert json.loads((await ws.receive()).data)["type"] == "welcome"
         sent_at = time.monotonic()

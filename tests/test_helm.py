@@ -32,8 +32,11 @@ try:
     import kubernetes_validate
     import yaml  # a dependency of kubernetes-validate
 except (ImportError, OSError) as exc:
-    pytest.skip(f"the Helm chart tests need helm-python-sdk and kubernetes-validate "
-                f"(pip install -e '.[test]'): {exc!r}", allow_module_level=True)
+    pytest.skip(
+        f"the Helm chart tests need helm-python-sdk and kubernetes-validate "
+        f"(pip install -e '.[test]'): {exc!r}",
+        allow_module_level=True,
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "rtgate"
@@ -62,21 +65,33 @@ POSTGRES_3: dict[str, Any] = {
 EVERYTHING_ON: dict[str, Any] = {
     "gateway": {
         "drainSeconds": 45,
-        "ingress": {"enabled": True, "tls": [{"hosts": ["rtgate.example.com"],
-                                              "secretName": "rtgate-tls"}]},
+        "ingress": {
+            "enabled": True,
+            "tls": [{"hosts": ["rtgate.example.com"], "secretName": "rtgate-tls"}],
+        },
         "autoscaling": {"enabled": True, "connections": {"enabled": True}},
         "config": {"edge": {"trusted_proxies": ["10.0.0.0/8", "192.168.0.0/16"]}},
     },
     "nats": {"auth": {"enabled": True}},
-    "secrets": {"apiKey": "k" * 32, "natsGatewayPassword": "gw-pass",
-                "natsBrokerPassword": "broker-pass"},
-    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                   "prometheusRule": {"enabled": True},
-                   "dashboard": {"enabled": True}},
-    "networkPolicy": {"enabled": True, "gatewayFrom": [{"namespaceSelector": {
-        "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
-        "metricsFrom": [{"namespaceSelector": {
-            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+    "secrets": {
+        "apiKey": "k" * 32,
+        "natsGatewayPassword": "gw-pass",
+        "natsBrokerPassword": "broker-pass",
+    },
+    "monitoring": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "gatewayFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+        ],
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    },
 }
 EXISTING_SECRET: dict[str, Any] = {
     "store": {"backend": "postgres"},
@@ -84,14 +99,19 @@ EXISTING_SECRET: dict[str, Any] = {
     "nats": {"auth": {"enabled": True}},
     "secrets": {"existingSecret": "my-rtgate-secrets"},
 }
-VALUE_SETS = {"defaults": DEFAULTS, "postgres-3-brokers": POSTGRES_3,
-              "ingress-monitoring-on": EVERYTHING_ON, "existing-secret": EXISTING_SECRET}
+VALUE_SETS = {
+    "defaults": DEFAULTS,
+    "postgres-3-brokers": POSTGRES_3,
+    "ingress-monitoring-on": EVERYTHING_ON,
+    "existing-secret": EXISTING_SECRET,
+}
 
 
 def render(values: dict[str, Any]) -> list[Manifest]:
     with helm_python.Chart.load(CHART) as chart:
-        out: dict[str, str] = chart.render(values, name=RELEASE, namespace=NAMESPACE,
-                                           is_install=True)
+        out: dict[str, str] = chart.render(
+            values, name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
     docs = [doc for text in out.values() for doc in yaml.safe_load_all(text) if doc]
     assert docs, "nothing rendered"
     return docs
@@ -99,10 +119,12 @@ def render(values: dict[str, Any]) -> list[Manifest]:
 
 def effective(values: dict[str, Any]) -> dict[str, Any]:
     """values.yaml merged with ``values``, as Helm merges them (maps deep, rest replaced)."""
+
     def merge(base: Any, over: Any) -> Any:
         if isinstance(base, dict) and isinstance(over, dict):
             return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
         return over
+
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     merged: dict[str, Any] = merge(defaults, values)
     return merged
@@ -133,15 +155,17 @@ def rendered(request: pytest.FixtureRequest) -> tuple[dict[str, Any], list[Manif
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_chart_lints(name: str) -> None:
-    result = helm_python.lint(CHART, VALUE_SETS[name], namespace=NAMESPACE,
-                              kube_version=KUBE_VERSION)
+    result = helm_python.lint(
+        CHART, VALUE_SETS[name], namespace=NAMESPACE, kube_version=KUBE_VERSION
+    )
     assert result["errors"] == []
     # Severity 1 is informational ("icon is recommended"); warnings and errors fail.
     assert [m for m in result["messages"] if m["severity"] > 1] == []
 
 
 def test_every_manifest_validates_against_the_kubernetes_schemas(
-        rendered: tuple[dict[str, Any], list[Manifest]]) -> None:
+    rendered: tuple[dict[str, Any], list[Manifest]],
+) -> None:
     _, docs = rendered
     for doc in docs:
         if doc["kind"] in PROMETHEUS_OPERATOR_KINDS:
@@ -149,13 +173,15 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(
         try:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} "
-                        f"at {list(exc.path)}")
+            pytest.fail(
+                f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
 
 def test_gateway_pods_drain_within_their_grace_period(
-        rendered: tuple[dict[str, Any], list[Manifest]]) -> None:
+    rendered: tuple[dict[str, Any], list[Manifest]],
+) -> None:
     values, docs = rendered
     g = values["gateway"]
     deployment = one(docs, "Deployment", f"{FULLNAME}-gateway")
@@ -178,8 +204,7 @@ def test_gateway_pods_drain_within_their_grace_period(
     assert config["RTGATE_SERVER__HOST"] == "0.0.0.0"
     assert config["RTGATE_SERVER__PORT"] == str(port)
     # ...and Kubernetes waits for preStop + the drain + the close timeout, with margin.
-    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep",
-                                                            str(g["preStopSleepSeconds"])]
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(g["preStopSleepSeconds"])]
     pre_stop = float(g["preStopSleepSeconds"])
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > pre_stop + drain + close_timeout
@@ -188,11 +213,15 @@ def test_gateway_pods_drain_within_their_grace_period(
         assert grace == 5 + 45 + 3 + 10  # EVERYTHING_ON: the grace follows the value
 
     spread = pod["topologySpreadConstraints"]
-    assert {s["topologyKey"] for s in spread} == {"topology.kubernetes.io/zone",
-                                                 "kubernetes.io/hostname"}
+    assert {s["topologyKey"] for s in spread} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
     for s in spread:
-        assert s["labelSelector"]["matchLabels"].items() <= \
-            deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            s["labelSelector"]["matchLabels"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
     if values["gateway"]["autoscaling"]["enabled"]:
@@ -220,7 +249,8 @@ def assert_locked_down(workload: Manifest) -> None:
 
 
 def test_pods_run_as_non_root_on_a_read_only_root(
-        rendered: tuple[dict[str, Any], list[Manifest]]) -> None:
+    rendered: tuple[dict[str, Any], list[Manifest]],
+) -> None:
     _, docs = rendered
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     assert len(workloads) == 2
@@ -265,17 +295,22 @@ def test_broker_is_a_deployment_of_three_on_postgres() -> None:
     ref = env["RTGATE_STORE__POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]
     secret = one(docs, "Secret", ref["name"])
     assert ref["key"] in secret["data"]
-    assert one(docs, "ConfigMap", f"{FULLNAME}-broker")["data"]["RTGATE_STORE__BACKEND"] == \
-        "postgres"
+    assert (
+        one(docs, "ConfigMap", f"{FULLNAME}-broker")["data"]["RTGATE_STORE__BACKEND"] == "postgres"
+    )
     pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-broker")
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
-        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_sqlite_with_two_brokers_is_refused() -> None:
-    with pytest.raises(helm_python.HelmRenderError,
-                       match=r"broker.replicas=2 with store.backend=sqlite: SQLite allows "
-                             r"exactly one broker"):
+    with pytest.raises(
+        helm_python.HelmRenderError,
+        match=r"broker.replicas=2 with store.backend=sqlite: SQLite allows "
+        r"exactly one broker",
+    ):
         render({"broker": {"replicas": 2}})
 
 
@@ -284,23 +319,34 @@ def test_postgres_without_a_dsn_is_refused() -> None:
         render({"store": {"backend": "postgres"}})
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"store": {"backend": "mysql"}}, "at '/store/backend': value must be one of"),
-    ({"gateway": {"replicas": 0}}, "at '/gateway/replicas': minimum"),
-    ({"gateway": {"drainSeconds": "ten"}}, "at '/gateway/drainSeconds': got string, want number"),
-    ({"gateway": {"drianSeconds": 10}}, "additional properties 'drianSeconds' not allowed"),
-    ({"nats": {"urls": ["localhost:4222"]}}, "at '/nats/urls/0'"),
-    ({"nats": {"urls": []}}, "at '/nats/urls': minItems"),
-    ({"securityContext": {"readOnlyRootFilesystem": False}},
-     "at '/securityContext/readOnlyRootFilesystem'"),
-    ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser': minimum"),
-    ({"broker": {"persistence": {"size": "ten gigs"}}}, "at '/broker/persistence/size'"),
-    ({"config": {"streams": {"replicas": {"nested": 1}}}}, "at '/config/streams/replicas'"),
-    ({"monitoring": {"serviceMonitor": {"interval": "often"}}},
-     "at '/monitoring/serviceMonitor/interval'"),
-])
-def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any],
-                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"store": {"backend": "mysql"}}, "at '/store/backend': value must be one of"),
+        ({"gateway": {"replicas": 0}}, "at '/gateway/replicas': minimum"),
+        (
+            {"gateway": {"drainSeconds": "ten"}},
+            "at '/gateway/drainSeconds': got string, want number",
+        ),
+        ({"gateway": {"drianSeconds": 10}}, "additional properties 'drianSeconds' not allowed"),
+        ({"nats": {"urls": ["localhost:4222"]}}, "at '/nats/urls/0'"),
+        ({"nats": {"urls": []}}, "at '/nats/urls': minItems"),
+        (
+            {"securityContext": {"readOnlyRootFilesystem": False}},
+            "at '/securityContext/readOnlyRootFilesystem'",
+        ),
+        ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser': minimum"),
+        ({"broker": {"persistence": {"size": "ten gigs"}}}, "at '/broker/persistence/size'"),
+        ({"config": {"streams": {"replicas": {"nested": 1}}}}, "at '/config/streams/replicas'"),
+        (
+            {"monitoring": {"serviceMonitor": {"interval": "often"}}},
+            "at '/monitoring/serviceMonitor/interval'",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(
+    values: dict[str, Any], message: str
+) -> None:
     with helm_python.Chart.load(CHART) as chart:
         with pytest.raises(helm_python.HelmValuesError) as caught:
             chart.validate_schema(values)
@@ -311,7 +357,8 @@ def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any],
 
 
 def test_secrets_come_from_the_chart_secret_or_an_existing_one(
-        rendered: tuple[dict[str, Any], list[Manifest]]) -> None:
+    rendered: tuple[dict[str, Any], list[Manifest]],
+) -> None:
     values, docs = rendered
     existing = values["secrets"]["existingSecret"]
     secrets = [d for d in docs if d["kind"] == "Secret"]
@@ -326,8 +373,9 @@ def test_secrets_come_from_the_chart_secret_or_an_existing_one(
                 assert ref["name"] == existing
             elif not ref.get("optional"):
                 assert ref["key"] in one(docs, "Secret", ref["name"])["data"]
-    gateway_env = {e["name"]: e for e in
-                   container(one(docs, "Deployment", f"{FULLNAME}-gateway"))["env"]}
+    gateway_env = {
+        e["name"]: e for e in container(one(docs, "Deployment", f"{FULLNAME}-gateway"))["env"]
+    }
     assert "secretKeyRef" in gateway_env["RTGATE_AUTH__SECRET"]["valueFrom"]
     if values["nats"]["auth"]["enabled"]:
         assert gateway_env["RTGATE_NATS__USER"]["value"] == "rtgate-gateway"
@@ -356,15 +404,17 @@ def container_env(docs: list[Manifest], workload: Manifest) -> dict[str, str]:
 
 
 def test_rendered_configuration_loads_in_the_services(
-        rendered: tuple[dict[str, Any], list[Manifest]]) -> None:
+    rendered: tuple[dict[str, Any], list[Manifest]],
+) -> None:
     """The services' own config loaders accept the pods' environment: no unknown
     section or key, every value parses, and the chart's values arrive."""
     from broker.config import load as load_broker
     from gateway.config import load as load_gateway
 
     values, docs = rendered
-    gateway = load_gateway(None, container_env(docs, one(docs, "Deployment",
-                                                         f"{FULLNAME}-gateway")))
+    gateway = load_gateway(
+        None, container_env(docs, one(docs, "Deployment", f"{FULLNAME}-gateway"))
+    )
     assert gateway.edge.drain_seconds == values["gateway"]["drainSeconds"]
     assert gateway.server.host == "0.0.0.0"
     assert gateway.server.port == values["gateway"]["port"]
@@ -373,8 +423,12 @@ def test_rendered_configuration_loads_in_the_services(
     assert gateway.log.format == "json"
     assert gateway.auth.secret == "sample-secret-0123456789abcdef"
 
-    broker_workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-                           and d["metadata"]["name"] == f"{FULLNAME}-broker")
+    broker_workload = next(
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["metadata"]["name"] == f"{FULLNAME}-broker"
+    )
     broker = load_broker(None, container_env(docs, broker_workload))
     assert broker.store.backend == values["store"]["backend"]
     assert broker.broker.host == "0.0.0.0"
@@ -394,26 +448,38 @@ def test_rendered_pods_start_real_services(nats_server: NatsServer, tmp_path: Pa
     from tests.test_processes import RTGATE, _wait_http
 
     gateway_port, broker_port = free_port(), free_port()
-    docs = render({"nats": {"urls": [nats_server.url]},
-                   # One nats-server here, not the 3-node cluster of the defaults.
-                   "config": {"streams": {"replicas": 1}},
-                   "gateway": {"port": gateway_port}, "broker": {"port": broker_port}})
+    docs = render(
+        {
+            "nats": {"urls": [nats_server.url]},
+            # One nats-server here, not the 3-node cluster of the defaults.
+            "config": {"streams": {"replicas": 1}},
+            "gateway": {"port": gateway_port},
+            "broker": {"port": broker_port},
+        }
+    )
     gateway_pod = one(docs, "Deployment", f"{FULLNAME}-gateway")
     broker_pod = one(docs, "StatefulSet", f"{FULLNAME}-broker")
     envs = {
         "gateway": container_env(docs, gateway_pod),
         # The pod mounts its claim on /var/lib/rtgate; here the state goes to tmp_path.
-        "broker": {**container_env(docs, broker_pod),
-                   "RTGATE_BROKER__STATE_DIR": str(tmp_path / "broker"), "HOME": str(tmp_path)},
+        "broker": {
+            **container_env(docs, broker_pod),
+            "RTGATE_BROKER__STATE_DIR": str(tmp_path / "broker"),
+            "HOME": str(tmp_path),
+        },
     }
     envs["gateway"]["HOME"] = str(tmp_path)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, port in (("gateway", gateway_port), ("broker", broker_port)):
             with (tmp_path / f"{name}.log").open("ab") as log:
-                procs[name] = subprocess.Popen([*RTGATE, name], env=env_without_rtgate(envs[name]),
-                                               stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
+                procs[name] = subprocess.Popen(
+                    [*RTGATE, name],
+                    env=env_without_rtgate(envs[name]),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
             _wait_http(f"http://127.0.0.1:{port}/readyz")
         for name, pod in (("gateway", gateway_pod), ("broker", broker_pod)):
             grace = pod["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -433,8 +499,12 @@ def test_services_select_their_pods(rendered: tuple[dict[str, Any], list[Manifes
     _, docs = rendered
     for component in ("gateway", "broker"):
         service = one(docs, "Service", f"{FULLNAME}-{component}")
-        workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-                        and d["metadata"]["name"] == f"{FULLNAME}-{component}")
+        workload = next(
+            d
+            for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")
+            and d["metadata"]["name"] == f"{FULLNAME}-{component}"
+        )
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
@@ -455,26 +525,35 @@ def test_ingress_hpa_and_network_policy() -> None:
     assert ingress["spec"]["tls"][0]["secretName"] == "rtgate-tls"
 
     hpa = one(docs, "HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": f"{FULLNAME}-gateway"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{FULLNAME}-gateway",
+    }
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     assert metrics["Pods"]["pods"]["metric"]["name"] == "rtgate_connections"
 
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
     gw = policies[f"{FULLNAME}-gateway"]["spec"]
-    assert [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-            for p in gw["ingress"][0]["from"]] == ["ingress-nginx", "monitoring"]
+    assert [
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in gw["ingress"][0]["from"]
+    ] == ["ingress-nginx", "monitoring"]
     broker = policies[f"{FULLNAME}-broker"]["spec"]
-    assert [p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-            for p in broker["ingress"][0]["from"]] == ["monitoring"]
+    assert [
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in broker["ingress"][0]["from"]
+    ] == ["monitoring"]
 
     config = one(docs, "ConfigMap", f"{FULLNAME}-gateway")["data"]
     assert config["RTGATE_EDGE__TRUSTED_PROXIES"] == "10.0.0.0/8,192.168.0.0/16"
     # Whole numbers stay whole: 1073741824, never 1.073741824e+09.
     big = render({"config": {"streams": {"rooms_max_bytes": 1073741824}}})
-    assert one(big, "ConfigMap", f"{FULLNAME}-broker")["data"][
-        "RTGATE_STREAMS__ROOMS_MAX_BYTES"] == "1073741824"
+    assert (
+        one(big, "ConfigMap", f"{FULLNAME}-broker")["data"]["RTGATE_STREAMS__ROOMS_MAX_BYTES"]
+        == "1073741824"
+    )
 
 
 # --- Prometheus Operator resources: no schema in kubernetes-validate ---
@@ -495,11 +574,16 @@ def test_service_monitor_scrapes_every_pod() -> None:
     [expr] = selector["matchExpressions"]
     assert expr["key"] == "app.kubernetes.io/component" and expr["operator"] == "In"
     services = [d for d in docs if d["kind"] == "Service"]
-    selected = [s for s in services
-                if selector["matchLabels"].items() <= s["metadata"]["labels"].items()
-                and s["metadata"]["labels"][expr["key"]] in expr["values"]]
-    assert {s["metadata"]["name"] for s in selected} == {f"{FULLNAME}-gateway",
-                                                         f"{FULLNAME}-broker"}
+    selected = [
+        s
+        for s in services
+        if selector["matchLabels"].items() <= s["metadata"]["labels"].items()
+        and s["metadata"]["labels"][expr["key"]] in expr["values"]
+    ]
+    assert {s["metadata"]["name"] for s in selected} == {
+        f"{FULLNAME}-gateway",
+        f"{FULLNAME}-broker",
+    }
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
         assert endpoint["path"] == "/metrics"
@@ -509,9 +593,14 @@ def test_service_monitor_scrapes_every_pod() -> None:
             assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
 
 
-EXPECTED_ALERTS = {"RtgateGatewayNotReady", "RtgateNatsDisconnected", "RtgatePersistLagGrowing",
-                   "RtgateSlowConsumerDisconnects", "RtgatePresenceNotActive",
-                   "RtgateStreamNearlyFull"}
+EXPECTED_ALERTS = {
+    "RtgateGatewayNotReady",
+    "RtgateNatsDisconnected",
+    "RtgatePersistLagGrowing",
+    "RtgateSlowConsumerDisconnects",
+    "RtgatePresenceNotActive",
+    "RtgateStreamNearlyFull",
+}
 
 
 def alert_rules(docs: list[Manifest]) -> list[Manifest]:
@@ -564,6 +653,7 @@ def assert_balanced(expr: str) -> None:
 
 # --- metric names: only what the services export ---
 
+
 def exported_metric_names() -> set[str]:
     """Every sample name the gateway and broker registries can expose."""
     from prometheus_client import CollectorRegistry
@@ -580,11 +670,17 @@ def exported_metric_names() -> set[str]:
     Broker(BrokerConfig(), registry=broker)  # builds its gauges; starts nothing
     PersistMetrics(broker)
     PresenceMetrics(broker)
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_sum", "_count", "_created")}
-    names = {family.name + suffix
-             for registry in (gateway, broker) for family in registry.collect()
-             for suffix in suffixes[family.type]}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    names = {
+        family.name + suffix
+        for registry in (gateway, broker)
+        for family in registry.collect()
+        for suffix in suffixes[family.type]
+    }
     assert "rtgate_slow_consumer_disconnects_total" in names  # the scan saw the gateway
     assert "rtgate_broker_persist_lag_messages" in names  # and the broker
     return names
@@ -605,11 +701,18 @@ def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
     exported = exported_metric_names()
     dashboard = json.loads(DASHBOARD.read_text())
     docs = render(EVERYTHING_ON)
-    exprs = {"dashboard": list(dashboard_exprs(dashboard)),
-             "PrometheusRule": [r["expr"] for r in alert_rules(docs)],
-             "HPA": ["rtgate_connections"]}
-    missing = {(where, name) for where, found in exprs.items() for expr in found
-               for name in metric_names_in(expr) if name not in exported}
+    exprs = {
+        "dashboard": list(dashboard_exprs(dashboard)),
+        "PrometheusRule": [r["expr"] for r in alert_rules(docs)],
+        "HPA": ["rtgate_connections"],
+    }
+    missing = {
+        (where, name)
+        for where, found in exprs.items()
+        for expr in found
+        for name in metric_names_in(expr)
+        if name not in exported
+    }
     assert missing == set()
     used = {name for found in exprs.values() for expr in found for name in metric_names_in(expr)}
     assert len(used) > 20
@@ -622,12 +725,18 @@ def test_dashboard_covers_the_issue_panels() -> None:
     dashboard = json.loads(text)
     exprs = list(dashboard_exprs(dashboard))
     joined = "\n".join(exprs)
-    for needed in ("rtgate_connections", "rtgate_frames_received_total",
-                   "rtgate_frames_sent_total", "rtgate_errors_total",
-                   "rtgate_slow_consumer_disconnects_total",
-                   "rtgate_broker_persist_lag_messages", "rtgate_presence_users_online",
-                   "rtgate_presence_active", "rtgate_nats_connected",
-                   "rtgate_broker_nats_connected"):
+    for needed in (
+        "rtgate_connections",
+        "rtgate_frames_received_total",
+        "rtgate_frames_sent_total",
+        "rtgate_errors_total",
+        "rtgate_slow_consumer_disconnects_total",
+        "rtgate_broker_persist_lag_messages",
+        "rtgate_presence_users_online",
+        "rtgate_presence_active",
+        "rtgate_nats_connected",
+        "rtgate_broker_nats_connected",
+    ):
         assert needed in joined, needed
     for histogram in ("rtgate_publish_latency_seconds", "rtgate_fanout_latency_seconds"):
         quantiles = [e for e in exprs if f"{histogram}_bucket" in e]
@@ -649,6 +758,7 @@ def test_dashboard_covers_the_issue_panels() -> None:
 
 # --- helm/nats-values.yaml: the same users and permissions as config/nats-server.conf ---
 
+
 def load_sync_script() -> Any:
     """helm/sync_nats_users.py: its parser of config/nats-server.conf is the one used here."""
     spec = importlib.util.spec_from_file_location("sync_nats_users", SYNC_SCRIPT)
@@ -668,23 +778,28 @@ def test_nats_values_match_the_nats_server_config() -> None:
     users = {u["user"]: u for u in config["merge"]["authorization"]["users"]}
     assert set(users) == {"rtgate-gateway", "rtgate-broker", "rtgate-backend"}
     env = values["container"]["env"]
-    for user, variable in (("rtgate-gateway", "RTGATE_NATS_GATEWAY_PASSWORD"),
-                           ("rtgate-broker", "RTGATE_NATS_BROKER_PASSWORD"),
-                           ("rtgate-backend", "RTGATE_NATS_BACKEND_PASSWORD")):
+    for user, variable in (
+        ("rtgate-gateway", "RTGATE_NATS_GATEWAY_PASSWORD"),
+        ("rtgate-broker", "RTGATE_NATS_BROKER_PASSWORD"),
+        ("rtgate-backend", "RTGATE_NATS_BACKEND_PASSWORD"),
+    ):
         # The chart's "<< $VAR >>" is an unquoted variable, read from the environment.
         assert users[user]["password"] == f"<< ${variable} >>"
         assert "secretKeyRef" in env[variable]["valueFrom"]
 
     conf = load_sync_script().conf_permissions(NATS_CONF.read_text())
     assert set(conf) == set(users)
-    stale = "helm/nats-values.yaml differs from config/nats-server.conf: run " \
-            ".venv/bin/python helm/sync_nats_users.py"
+    stale = (
+        "helm/nats-values.yaml differs from config/nats-server.conf: run "
+        ".venv/bin/python helm/sync_nats_users.py"
+    )
     for user, expected in conf.items():
         perms = users[user]["permissions"]
         assert perms["publish"]["allow"] == expected["publish"], f"{user}: {stale}"
         assert perms["subscribe"]["allow"] == expected["subscribe"], f"{user}: {stale}"
-        assert perms.get("allow_responses", False) == expected["allow_responses"], \
+        assert perms.get("allow_responses", False) == expected["allow_responses"], (
             f"{user}: {stale}"
+        )
     # The rtgate chart's defaults match this NATS release.
     chart = effective({})
     assert chart["nats"]["auth"]["gatewayUser"] in users

@@ -6,13 +6,24 @@ import pytest
 
 from tests.conftest import ClientFactory, Gateway
 
-AWKWARD = ["auth0|123", "alice@example.com", "a.b.c", "Zoë-Ünïcødé", "房间", "*", ">", "~7e",
-           "$sys", "x" * 128]
+AWKWARD = [
+    "auth0|123",
+    "alice@example.com",
+    "a.b.c",
+    "Zoë-Ünïcødé",
+    "房间",
+    "*",
+    ">",
+    "~7e",
+    "$sys",
+    "x" * 128,
+]
 
 
 @pytest.mark.parametrize("room", AWKWARD)
-async def test_awkward_room_ids_work_end_to_end(gateway: Gateway, connect: ClientFactory,
-                                                room: str) -> None:
+async def test_awkward_room_ids_work_end_to_end(
+    gateway: Gateway, connect: ClientFactory, room: str
+) -> None:
     user = "auth0|" + room[:50]
     a = await connect(gateway, user, name="Zoë")
     b = await connect(gateway, "bob@example.com")
@@ -25,18 +36,21 @@ async def test_awkward_room_ids_work_end_to_end(gateway: Gateway, connect: Clien
     assert len(gateway.node.hub.rooms) == 1
 
 
-@pytest.mark.parametrize("room", ["", "has space", "tab\there", "new\nline", "nul\x00",
-                                  "bell\x07", "x" * 129, "\u2028"])
-async def test_bad_room_ids_are_refused(gateway: Gateway, connect: ClientFactory,
-                                        room: str) -> None:
+@pytest.mark.parametrize(
+    "room", ["", "has space", "tab\there", "new\nline", "nul\x00", "bell\x07", "x" * 129, "\u2028"]
+)
+async def test_bad_room_ids_are_refused(
+    gateway: Gateway, connect: ClientFactory, room: str
+) -> None:
     client = await connect(gateway)
     assert await client.error("room:join", {"roomId": room}) == "bad_request"
     assert gateway.node.hub.rooms == {}
 
 
 @pytest.mark.parametrize("user", ["has space", "ctl\x01", "x" * 257])
-async def test_bad_user_ids_are_refused(gateway: Gateway, connect: ClientFactory,
-                                        user: str) -> None:
+async def test_bad_user_ids_are_refused(
+    gateway: Gateway, connect: ClientFactory, user: str
+) -> None:
     from tests.conftest import token
     from tests.wsclient import WsClient
 

@@ -32,8 +32,9 @@ def _node() -> str:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the JavaScript client's tests need Node.js 20 or later")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True,
-                             timeout=30).stdout.strip()
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
     major = int(version.lstrip("v").split(".")[0])
     if major < 20:
         pytest.skip(f"node {version} is too old: the tests need Node.js 20 or later")
@@ -47,8 +48,13 @@ def _install_dev_dependencies() -> None:
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("npm is not installed: cannot install the tests' dev dependency 'ws'")
-    result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         pytest.fail(f"npm ci failed in js/:\n{result.stdout}\n{result.stderr}")
 
@@ -61,26 +67,32 @@ def test_node_suite(procs: Procs, tmp_path: Path) -> None:
     _install_dev_dependencies()
     # Started together, then waited for: each takes about a second to come up.
     _, broker_port = procs.broker("b1", wait=False)
-    gateways = {name: procs.gateway(name, wait=False)
-                for name in ("gw1", "gw2", "victim", "stall")}
+    gateways = {name: procs.gateway(name, wait=False) for name in ("gw1", "gw2", "victim", "stall")}
     for port in (broker_port, *(port for _, port in gateways.values())):
         _wait_http(f"http://127.0.0.1:{port}/readyz")
 
     def url(name: str) -> str:
         return f"ws://127.0.0.1:{gateways[name][1]}/ws"
 
-    env = dict(os.environ,
-               RTGATE_TEST_URLS=f"{url('gw1')},{url('gw2')}",
-               RTGATE_TEST_GATEWAY_IDS="gw1,gw2",
-               RTGATE_TEST_SECRET=SECRET,
-               RTGATE_TEST_VICTIM_URL=url("victim"),
-               RTGATE_TEST_VICTIM_PID=str(gateways["victim"][0].pid),
-               RTGATE_TEST_VICTIM_ID="victim",
-               RTGATE_TEST_STALL_URL=url("stall"),
-               RTGATE_TEST_STALL_PID=str(gateways["stall"][0].pid))
-    result = subprocess.run([node, "--test", "--test-reporter=tap", "--test-timeout=30000",
-                             "test/"], cwd=JS_DIR, env=env, capture_output=True, text=True,
-                            timeout=NODE_TIMEOUT)
+    env = dict(
+        os.environ,
+        RTGATE_TEST_URLS=f"{url('gw1')},{url('gw2')}",
+        RTGATE_TEST_GATEWAY_IDS="gw1,gw2",
+        RTGATE_TEST_SECRET=SECRET,
+        RTGATE_TEST_VICTIM_URL=url("victim"),
+        RTGATE_TEST_VICTIM_PID=str(gateways["victim"][0].pid),
+        RTGATE_TEST_VICTIM_ID="victim",
+        RTGATE_TEST_STALL_URL=url("stall"),
+        RTGATE_TEST_STALL_PID=str(gateways["stall"][0].pid),
+    )
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "--test-timeout=30000", "test/"],
+        cwd=JS_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+    )
     output = f"{result.stdout}\n{result.stderr}"
     if result.returncode != 0:
         pytest.fail(f"node --test failed (exit {result.returncode}):\n{output}", pytrace=False)
@@ -94,8 +106,9 @@ def test_node_suite(procs: Procs, tmp_path: Path) -> None:
 ALLOWED = ("https://app.example.com", "https://*.example.org")
 
 
-async def _get(session: aiohttp.ClientSession, url: str, **headers: str
-               ) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _get(
+    session: aiohttp.ClientSession, url: str, **headers: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
     # aiohttp would ask for gzip and inflate it unseen: ask for it only where checked.
     headers.setdefault("Accept-Encoding", "identity")
     async with session.get(url, headers=headers, auto_decompress=False) as resp:
@@ -103,7 +116,8 @@ async def _get(session: aiohttp.ClientSession, url: str, **headers: str
 
 
 async def test_client_js_is_served_with_cors_for_allowed_origins(
-        make_gateway: GatewayFactory) -> None:
+    make_gateway: GatewayFactory,
+) -> None:
     gw = await make_gateway(edge={"allowed_origins": ALLOWED})
     module = (STATIC / "client.js").read_bytes()
     async with aiohttp.ClientSession() as session:
@@ -138,26 +152,30 @@ async def test_client_js_is_served_with_cors_for_allowed_origins(
         assert resp.headers["ETag"] == etag
 
         # Compressed for clients that take gzip, under its own ETag.
-        resp, body = await _get(session, gw.http("/client.js"),
-                                **{"Accept-Encoding": "gzip, deflate, br"})
+        resp, body = await _get(
+            session, gw.http("/client.js"), **{"Accept-Encoding": "gzip, deflate, br"}
+        )
         assert resp.headers["Content-Encoding"] == "gzip"
         assert gzip.decompress(body) == module and len(body) < len(module) / 2
         assert resp.headers["ETag"] not in (etag, "")
 
-        async with session.options(gw.http("/client.js"), headers={
-                "Origin": "https://app.example.com",
-                "Access-Control-Request-Method": "GET"}) as resp:
+        async with session.options(
+            gw.http("/client.js"),
+            headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"},
+        ) as resp:
             assert resp.status == 204
             assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
             assert "GET" in resp.headers["Access-Control-Allow-Methods"]
-        async with session.options(gw.http("/client.js"), headers={
-                "Origin": "https://evil.example.net",
-                "Access-Control-Request-Method": "GET"}) as resp:
+        async with session.options(
+            gw.http("/client.js"),
+            headers={"Origin": "https://evil.example.net", "Access-Control-Request-Method": "GET"},
+        ) as resp:
             assert "Access-Control-Allow-Origin" not in resp.headers
 
 
 async def test_client_js_allows_every_origin_when_none_are_configured(
-        make_gateway: GatewayFactory) -> None:
+    make_gateway: GatewayFactory,
+) -> None:
     gw = await make_gateway()
     async with aiohttp.ClientSession() as session:
         resp, _ = await _get(session, gw.http("/client.js"), Origin="https://anywhere.test")

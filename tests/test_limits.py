@@ -17,8 +17,9 @@ async def test_frame_over_max_closes_1009(gateway: Gateway, connect: ClientFacto
     assert await client.wait_closed() == 1009
 
 
-async def test_rate_limit_refuses_with_ack_and_error(make_gateway: GatewayFactory,
-                                                     connect: ClientFactory) -> None:
+async def test_rate_limit_refuses_with_ack_and_error(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(limits={"rate_per_second": 1.0, "rate_burst": 5})
     client = await connect(gw)
     for i in range(5):
@@ -33,8 +34,9 @@ async def test_rate_limit_refuses_with_ack_and_error(make_gateway: GatewayFactor
     assert pongs == [0, 1, 2, 3, 4]
 
 
-async def test_max_rooms_per_connection(make_gateway: GatewayFactory,
-                                        connect: ClientFactory) -> None:
+async def test_max_rooms_per_connection(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(limits={"max_rooms": 3})
     client = await connect(gw)
     for room in ("r1", "r2", "r3"):
@@ -50,19 +52,29 @@ async def test_content_too_large(make_gateway: GatewayFactory, connect: ClientFa
     client = await connect(gw)
     await client.ok("room:join", "lobby")
     await client.ok("chat:message", {"roomId": "lobby", "content": "0123456789"})
-    assert await client.error("chat:message", {"roomId": "lobby", "content": "0123456789a"}
-                              ) == "too_large"
+    assert (
+        await client.error("chat:message", {"roomId": "lobby", "content": "0123456789a"})
+        == "too_large"
+    )
     # Ten bytes means bytes: five two-byte letters fit, six do not.
     await client.ok("chat:message", {"roomId": "lobby", "content": "ééééé"})
-    assert await client.error("chat:message", {"roomId": "lobby", "content": "éééééé"}
-                              ) == "too_large"
+    assert (
+        await client.error("chat:message", {"roomId": "lobby", "content": "éééééé"}) == "too_large"
+    )
 
 
-async def test_bad_frames_get_bad_frame_then_1007(gateway: Gateway,
-                                                  connect: ClientFactory) -> None:
+async def test_bad_frames_get_bad_frame_then_1007(gateway: Gateway, connect: ClientFactory) -> None:
     client = await connect(gateway)
-    bad: list[str] = ["{not json", "[1,2]", '{"type": 5}', '"just a string"', '{"data": 1}',
-                      '{"type": "ping", "id": -1}', '{"type": "ping", "id": "7"}', "null"]
+    bad: list[str] = [
+        "{not json",
+        "[1,2]",
+        '{"type": 5}',
+        '"just a string"',
+        '{"data": 1}',
+        '{"type": "ping", "id": -1}',
+        '{"type": "ping", "id": "7"}',
+        "null",
+    ]
     for raw in bad:
         await client.send_raw(raw)
         err = await client.next("error")
@@ -102,18 +114,29 @@ async def test_unknown_type_and_bad_data(gateway: Gateway, connect: ClientFactor
     assert await client.error("chat:message", {"roomId": "lobby"}) == "bad_request"
     assert await client.error("chat:message", {"roomId": "lobby", "content": 5}) == "bad_request"
     assert await client.error("chat:message", "lobby") == "bad_request"
-    assert await client.error("chat:message", {"roomId": "lobby", "content": "x",
-                                                "clientId": "has space"}) == "bad_request"
-    assert await client.error("chat:typing", {"roomId": "lobby", "isTyping": "yes"}
-                              ) == "bad_request"
+    assert (
+        await client.error(
+            "chat:message", {"roomId": "lobby", "content": "x", "clientId": "has space"}
+        )
+        == "bad_request"
+    )
+    assert (
+        await client.error("chat:typing", {"roomId": "lobby", "isTyping": "yes"}) == "bad_request"
+    )
     assert await client.error("auth", {"token": ""}) == "bad_request"
 
 
 async def test_slow_consumer_is_closed_and_others_keep_receiving(
     make_gateway: GatewayFactory, connect: ClientFactory
 ) -> None:
-    gw = await make_gateway(limits={"outbox_frames": 64, "outbox_bytes": 256 * 1024,
-                                    "rate_per_second": 10000.0, "rate_burst": 10000})
+    gw = await make_gateway(
+        limits={
+            "outbox_frames": 64,
+            "outbox_bytes": 256 * 1024,
+            "rate_per_second": 10000.0,
+            "rate_burst": 10000,
+        }
+    )
     sender = await connect(gw, "sender")
     healthy = await connect(gw, "healthy")
     slow = await connect(gw, "slow")
@@ -124,9 +147,10 @@ async def test_slow_consumer_is_closed_and_others_keep_receiving(
     slow.ws._response.connection.transport.pause_reading()  # type: ignore[union-attr]
     total = 2000
     payload = "y" * 3000
-    acks = [asyncio.ensure_future(sender.ok("chat:message", {"roomId": "firehose",
-                                                             "content": payload}))
-            for _ in range(total)]
+    acks = [
+        asyncio.ensure_future(sender.ok("chat:message", {"roomId": "firehose", "content": payload}))
+        for _ in range(total)
+    ]
     await asyncio.gather(*acks)
     received = 0
     while received < total:
@@ -139,10 +163,10 @@ async def test_slow_consumer_is_closed_and_others_keep_receiving(
     assert sum(1 for f in slow.frames if f["type"] == "chat:message") < total
 
 
-async def test_malformed_frames_spend_rate_tokens(make_gateway: GatewayFactory,
-                                                  connect: ClientFactory) -> None:
-    gw = await make_gateway(limits={"rate_per_second": 0.5, "rate_burst": 4,
-                                    "max_bad_frames": 100})
+async def test_malformed_frames_spend_rate_tokens(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
+    gw = await make_gateway(limits={"rate_per_second": 0.5, "rate_burst": 4, "max_bad_frames": 100})
     client = await connect(gw)
     for _ in range(4):
         await client.send_raw("{bad")

@@ -35,8 +35,11 @@ from tests.procs import Procs
 from tests.wsclient import Closed, WsClient
 
 # Every service of a deployment shares its [streams] settings.
-R3: dict[str, Any] = {"RTGATE_STREAMS__REPLICAS": "3", "RTGATE_NATS__ACK_TIMEOUT": "2",
-      "RTGATE_NATS__REQUEST_TIMEOUT": "2"}
+R3: dict[str, Any] = {
+    "RTGATE_STREAMS__REPLICAS": "3",
+    "RTGATE_NATS__ACK_TIMEOUT": "2",
+    "RTGATE_NATS__REQUEST_TIMEOUT": "2",
+}
 
 
 @pytest.fixture
@@ -55,20 +58,26 @@ def nodes(tmp_path: Path) -> Iterator[list[ConfiguredNats]]:
 async def _buckets_with_three_replicas(url: str) -> None:
     """What docs/load-balancing.md tells operators to do: the buckets rtgate would
     create with one replica, created beforehand with three, each by its user."""
-    for user, make in ((BROKER_USER, "leases"), (GATEWAY_USER, "denylist"),
-                       (BROKER_USER, "presence")):
+    for user, make in (
+        (BROKER_USER, "leases"),
+        (GATEWAY_USER, "denylist"),
+        (BROKER_USER, "presence"),
+    ):
         nc = await nats.connect(url, user=user, password=PASSWORDS[user])
         try:
             js = nc.jetstream()
             if make == "leases":
-                await js.create_key_value(KeyValueConfig(bucket="rtgate_leases", history=1,
-                                                         replicas=3))
+                await js.create_key_value(
+                    KeyValueConfig(bucket="rtgate_leases", history=1, replicas=3)
+                )
             elif make == "denylist":
-                await js.create_key_value(KeyValueConfig(bucket="rtgate_denylist", history=1,
-                                                         replicas=3))
+                await js.create_key_value(
+                    KeyValueConfig(bucket="rtgate_denylist", history=1, replicas=3)
+                )
             else:
-                await js.create_object_store("rtgate_presence",
-                                             config=ObjectStoreConfig(replicas=3))
+                await js.create_object_store(
+                    "rtgate_presence", config=ObjectStoreConfig(replicas=3)
+                )
         finally:
             await nc.close()
 
@@ -86,22 +95,31 @@ async def _stream_leader(url: str) -> str:
 
 def _stored_offsets(db: Path) -> set[int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        rows = conn.execute("SELECT seq FROM messages WHERE stream = ?",
-                            (subjects.ROOMS_STREAM,)).fetchall()
+        rows = conn.execute(
+            "SELECT seq FROM messages WHERE stream = ?", (subjects.ROOMS_STREAM,)
+        ).fetchall()
     return {int(r[0]) for r in rows}
 
 
 async def test_acked_messages_survive_the_loss_of_a_nats_node(
-        nodes: list[ConfiguredNats], tmp_path: Path) -> None:
+    nodes: list[ConfiguredNats], tmp_path: Path
+) -> None:
     urls = ",".join(node.url for node in nodes)
     await _buckets_with_three_replicas(nodes[0].url)
     procs = Procs(urls, tmp_path)
     clients: list[WsClient] = []
     try:
         procs.broker("b1", **user_env(BROKER_USER), **R3)
-        ports = [procs.gateway(gw, **user_env(GATEWAY_USER), **R3,
-                               RTGATE_LIMITS__RATE_PER_SECOND="1000",
-                               RTGATE_LIMITS__RATE_BURST="1000")[1] for gw in ("gw1", "gw2")]
+        ports = [
+            procs.gateway(
+                gw,
+                **user_env(GATEWAY_USER),
+                **R3,
+                RTGATE_LIMITS__RATE_PER_SECOND="1000",
+                RTGATE_LIMITS__RATE_BURST="1000",
+            )[1]
+            for gw in ("gw1", "gw2")
+        ]
         for port, user in zip(ports, ("alice", "bob"), strict=True):
             client = await WsClient.connect(f"ws://127.0.0.1:{port}/ws", token=token(user))
             clients.append(client)
@@ -120,8 +138,9 @@ async def test_acked_messages_survive_the_loss_of_a_nats_node(
         async def send(i: int) -> None:
             nonlocal refused
             try:
-                ack = await alice.request("chat:message",
-                                          {"roomId": "lobby", "content": f"m{i}"}, timeout=10)
+                ack = await alice.request(
+                    "chat:message", {"roomId": "lobby", "content": f"m{i}"}, timeout=10
+                )
             except (TimeoutError, Closed):
                 refused += 1
                 return
@@ -165,8 +184,9 @@ async def test_acked_messages_survive_the_loss_of_a_nats_node(
 
         # The last message makes bob's gateway fill any gap it has (live copies
         # are at most once; the stream has every message).
-        last = (await alice.ok_once_available("chat:message", {"roomId": "lobby",
-                                                                "content": "end"}))["message"]
+        last = (
+            await alice.ok_once_available("chat:message", {"roomId": "lobby", "content": "end"})
+        )["message"]
         acked[last["offset"]] = last
         await bob.next("chat:message", id=last["id"], timeout=10)
         got = [f["data"] for f in bob.take("chat:message")]
@@ -179,13 +199,16 @@ async def test_acked_messages_survive_the_loss_of_a_nats_node(
         # was in flight through the killed node is redelivered after ack_wait.
         db = tmp_path / "b1" / "rtgate.sqlite3"
         try:
-            await wait_until(lambda: set(acked) <= _stored_offsets(db),
-                             ACK_WAIT_SECONDS + 5, pause=0.1)
+            await wait_until(
+                lambda: set(acked) <= _stored_offsets(db), ACK_WAIT_SECONDS + 5, pause=0.1
+            )
         except TimeoutError:
             missing = sorted(set(acked) - _stored_offsets(db))
             raise AssertionError(f"acked but not stored: offsets {missing}") from None
-        print(f"acked {len(acked)}, refused {refused}, flow resumed {outage:.1f} s "
-              f"after killing the stream leader {victim.name}")
+        print(
+            f"acked {len(acked)}, refused {refused}, flow resumed {outage:.1f} s "
+            f"after killing the stream leader {victim.name}"
+        )
     finally:
         for client in clients:
             await client.close()
@@ -193,20 +216,25 @@ async def test_acked_messages_survive_the_loss_of_a_nats_node(
 
 
 def test_a_node_without_the_route_password_cannot_join(
-        nodes: list[ConfiguredNats], tmp_path: Path) -> None:
+    nodes: list[ConfiguredNats], tmp_path: Path
+) -> None:
     first = nodes[0]
     port, route, monitor = free_port(), free_port(), free_port()
     text = first.conf.read_text()
     text = re.sub(r"^listen: .*$", f"listen: 127.0.0.1:{port}", text, flags=re.MULTILINE)
     text = re.sub(r"^http: .*$", f"http: 127.0.0.1:{monitor}", text, flags=re.MULTILINE)
     text = re.sub(r"^  listen: .*$", f"  listen: 127.0.0.1:{route}", text, flags=re.MULTILINE)
-    text = re.sub(r'^  store_dir: .*$', f'  store_dir: "{tmp_path / "rogue-store"}"', text,
-                  flags=re.MULTILINE)
+    text = re.sub(
+        r"^  store_dir: .*$", f'  store_dir: "{tmp_path / "rogue-store"}"', text, flags=re.MULTILINE
+    )
     conf = tmp_path / "rogue.conf"
     conf.write_text(text)
-    env = dict(first.env, RTGATE_NATS_SERVER_NAME="rogue", RTGATE_NATS_ROUTE_PASSWORD="guess",
-               RTGATE_NATS_ROUTES=first.env["RTGATE_NATS_ROUTES"].replace(ROUTE_PASSWORD,
-                                                                          "guess"))
+    env = dict(
+        first.env,
+        RTGATE_NATS_SERVER_NAME="rogue",
+        RTGATE_NATS_ROUTE_PASSWORD="guess",
+        RTGATE_NATS_ROUTES=first.env["RTGATE_NATS_ROUTES"].replace(ROUTE_PASSWORD, "guess"),
+    )
     rogue = ConfiguredNats("rogue", conf, port, monitor, tmp_path / "rogue.log", env)
     rogue.start()
     try:

@@ -86,8 +86,13 @@ async def login(server: ConfiguredNats) -> AsyncIterator[Connect]:
 
     async def connect(user: str) -> tuple[Nats, Watched]:
         watched = Watched()
-        nc = await nats.connect(server.url, user=user, password=PASSWORDS[user],
-                                error_cb=watched.on_error, allow_reconnect=False)
+        nc = await nats.connect(
+            server.url,
+            user=user,
+            password=PASSWORDS[user],
+            error_cb=watched.on_error,
+            allow_reconnect=False,
+        )
         made.append(nc)
         watched.nc = nc
         return nc, watched
@@ -102,20 +107,28 @@ def _event(kind: str, **data: Any) -> bytes:
 
 
 async def _api(port: int, path: str, body: Any) -> int:
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{port}{path}", json=body,
-            headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"http://127.0.0.1:{port}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp,
+    ):
         return resp.status
 
 
 async def test_gateways_and_broker_run_on_their_users_without_a_violation(
-        server: ConfiguredNats, tmp_path: Path) -> None:
+    server: ConfiguredNats, tmp_path: Path
+) -> None:
     procs = Procs(server.url, tmp_path)
     clients: list[WsClient] = []
     try:
         procs.broker("b1", **user_env(BROKER_USER))
-        gws = [procs.gateway(gw, **user_env(GATEWAY_USER), RTGATE_SERVER__API_KEY=API_KEY)[1]
-               for gw in ("gw1", "gw2")]
+        gws = [
+            procs.gateway(gw, **user_env(GATEWAY_USER), RTGATE_SERVER__API_KEY=API_KEY)[1]
+            for gw in ("gw1", "gw2")
+        ]
 
         async def online(port: int, user: str, **claims: Any) -> WsClient:
             c = await WsClient.connect(f"ws://127.0.0.1:{port}/ws", token=token(user, **claims))
@@ -143,8 +156,9 @@ async def test_gateways_and_broker_run_on_their_users_without_a_violation(
         assert (await bob.ok("presence", {"roomId": "lobby"}))["count"] == 2
         # Kick with a ban (a denylist entry every gateway watches), then a
         # disconnect: control commands on rt.ctl.user.*.
-        assert await _api(gws[0], "/api/rooms/lobby/kick", {"userId": "bob",
-                                                             "banSeconds": 30}) == 200
+        assert (
+            await _api(gws[0], "/api/rooms/lobby/kick", {"userId": "bob", "banSeconds": 30}) == 200
+        )
         await bob.next("room:removed")
         assert await bob.error("room:join", "lobby") == "forbidden"  # gw2 saw the entry
         assert await _api(gws[1], "/api/users/alice/disconnect", {"reconnect": True}) == 200
@@ -155,8 +169,11 @@ async def test_gateways_and_broker_run_on_their_users_without_a_violation(
         first = procs.started[0]
         first.send_signal(signal.SIGTERM)
         assert first.wait(15) == 0
-        procs.broker("b2", **user_env(BROKER_USER),
-                     RTGATE_STORE__SQLITE_PATH=str(tmp_path / "b1" / "rtgate.sqlite3"))
+        procs.broker(
+            "b2",
+            **user_env(BROKER_USER),
+            RTGATE_STORE__SQLITE_PATH=str(tmp_path / "b1" / "rtgate.sqlite3"),
+        )
         await _until_available(bob, "presence:users", {"userIds": ["bob"]})
         inbox = await bob.ok("history", {"direct": True})
         assert [i["data"]["content"] for i in inbox["items"]] == ["psst"]
@@ -191,16 +208,26 @@ async def _quiet(exc: Exception) -> None:
 
 
 async def test_anonymous_and_wrong_password_are_refused(server: ConfiguredNats) -> None:
-    for options in ({}, {"user": GATEWAY_USER, "password": "wrong"},
-                    {"user": "rtgate", "password": PASSWORDS[BROKER_USER]}):
+    for options in (
+        {},
+        {"user": GATEWAY_USER, "password": "wrong"},
+        {"user": "rtgate", "password": PASSWORDS[BROKER_USER]},
+    ):
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=2, error_cb=_quiet, **options)
+            await nats.connect(
+                server.url,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                connect_timeout=2,
+                error_cb=_quiet,
+                **options,
+            )
     assert server.log.read_text().count("authentication error") == 3
 
 
 async def test_backend_publishes_and_asks_but_cannot_listen_or_manage(
-        server: ConfiguredNats, tmp_path: Path, login: Connect) -> None:
+    server: ConfiguredNats, tmp_path: Path, login: Connect
+) -> None:
     procs = Procs(server.url, tmp_path)
     try:
         procs.broker("b1", **user_env(BROKER_USER))
@@ -212,45 +239,81 @@ async def test_backend_publishes_and_asks_but_cannot_listen_or_manage(
             nc, backend = await login(BACKEND_USER)
             js = nc.jetstream()
             # Allowed: the documented publish subjects ...
-            ack = await js.publish(subjects.room_subject("lobby"), _event(
-                "chat:message", roomId="lobby", userId="bot", username="Bot", content="hello",
-                timestamp="2025-11-28T12:00:00.000Z"), headers={subjects.HDR_MSG_ID: "svc/1"})
+            ack = await js.publish(
+                subjects.room_subject("lobby"),
+                _event(
+                    "chat:message",
+                    roomId="lobby",
+                    userId="bot",
+                    username="Bot",
+                    content="hello",
+                    timestamp="2025-11-28T12:00:00.000Z",
+                ),
+                headers={subjects.HDR_MSG_ID: "svc/1"},
+            )
             assert ack.stream == subjects.ROOMS_STREAM and not ack.duplicate
             got = await bob.next("chat:message")
             assert got["data"]["content"] == "hello" and got["data"]["offset"] == ack.seq
-            await js.publish(subjects.direct_subject("bob"), _event(
-                "direct:message", fromUserId="bot", fromUsername="Bot", toUserId="bob",
-                content="dm", timestamp="2025-11-28T12:00:00.000Z"))
+            await js.publish(
+                subjects.direct_subject("bob"),
+                _event(
+                    "direct:message",
+                    fromUserId="bot",
+                    fromUsername="Bot",
+                    toUserId="bob",
+                    content="dm",
+                    timestamp="2025-11-28T12:00:00.000Z",
+                ),
+            )
             assert (await bob.next("direct:message"))["data"]["content"] == "dm"
-            await nc.publish(subjects.live_room_subject("lobby"), _event(
-                "chat:typing", roomId="lobby", userId="bot", username="Bot", isTyping=True))
+            await nc.publish(
+                subjects.live_room_subject("lobby"),
+                _event("chat:typing", roomId="lobby", userId="bot", username="Bot", isTyping=True),
+            )
             await bob.next("chat:typing")
             # ... and the documented request APIs.
-            reply = await nc.request(subjects.HISTORY_SUBJECT, json.dumps(
-                {"channel": {"kind": "room", "id": "lobby"}}).encode(), timeout=5)
+            reply = await nc.request(
+                subjects.HISTORY_SUBJECT,
+                json.dumps({"channel": {"kind": "room", "id": "lobby"}}).encode(),
+                timeout=5,
+            )
             assert [i["data"]["content"] for i in json.loads(reply.data)["items"]] == ["hello"]
             await _presence_answers(nc)
             # A control command reaches the user's connection.
-            await nc.publish(subjects.control_user_subject("bob"), json.dumps(
-                {"type": "kick", "roomId": "lobby", "reason": "test"}).encode())
+            await nc.publish(
+                subjects.control_user_subject("bob"),
+                json.dumps({"type": "kick", "roomId": "lobby", "reason": "test"}).encode(),
+            )
             assert (await bob.next("room:removed"))["data"]["reason"] == "test"
 
             # Denied: listening to live traffic or presence, ...
-            for subject in ("rt.live.>", subjects.live_room_subject("lobby"),
-                            "rt.presence.>", subjects.HISTORY_SUBJECT):
+            for subject in (
+                "rt.live.>",
+                subjects.live_room_subject("lobby"),
+                "rt.presence.>",
+                subjects.HISTORY_SUBJECT,
+            ):
                 await nc.subscribe(subject)
                 await backend.denied(f'Subscription to "{subject}"')
             # ... presence reports and sync requests, the presence journal, ...
-            for subject in (subjects.presence_subject("events", "gw1"),
-                            subjects.PRESENCE_SYNC_SUBJECT,
-                            subjects.live_presence_user_subject("bob"), "rt.presence-journal",
-                            subjects.LIVE_GLOBAL_SUBJECT):
+            for subject in (
+                subjects.presence_subject("events", "gw1"),
+                subjects.PRESENCE_SYNC_SUBJECT,
+                subjects.live_presence_user_subject("bob"),
+                "rt.presence-journal",
+                subjects.LIVE_GLOBAL_SUBJECT,
+            ):
                 await nc.publish(subject, b"{}")
                 await backend.denied(f'Publish to "{subject}"')
             # ... and every JetStream API: no deletes, purges, reads or buckets.
-            for subject in ("$JS.API.STREAM.DELETE.RT_ROOMS", "$JS.API.STREAM.PURGE.RT_ROOMS",
-                            "$JS.API.STREAM.INFO.RT_ROOMS", "$JS.API.DIRECT.GET.RT_ROOMS",
-                            "$JS.API.CONSUMER.CREATE.RT_ROOMS", "$KV.rtgate_leases.presence"):
+            for subject in (
+                "$JS.API.STREAM.DELETE.RT_ROOMS",
+                "$JS.API.STREAM.PURGE.RT_ROOMS",
+                "$JS.API.STREAM.INFO.RT_ROOMS",
+                "$JS.API.DIRECT.GET.RT_ROOMS",
+                "$JS.API.CONSUMER.CREATE.RT_ROOMS",
+                "$KV.rtgate_leases.presence",
+            ):
                 with pytest.raises(nats.errors.TimeoutError):
                     await nc.request(subject, b"{}", timeout=0.5)
                 await backend.denied(f'Publish to "{subject}"')
@@ -270,8 +333,11 @@ async def _presence_answers(nc: Nats) -> None:
     async with asyncio.timeout(10):
         while True:
             try:
-                reply = await nc.request(subjects.PRESENCE_API_SUBJECT, json.dumps(
-                    {"op": "user", "userId": "bob"}).encode(), timeout=2)
+                reply = await nc.request(
+                    subjects.PRESENCE_API_SUBJECT,
+                    json.dumps({"op": "user", "userId": "bob"}).encode(),
+                    timeout=2,
+                )
             except nats.errors.NoRespondersError:
                 await asyncio.sleep(0.1)
                 continue
@@ -280,18 +346,25 @@ async def _presence_answers(nc: Nats) -> None:
 
 
 async def test_gateway_and_broker_are_denied_what_their_roles_do_not_need(
-        server: ConfiguredNats, login: Connect) -> None:
+    server: ConfiguredNats, login: Connect
+) -> None:
     gw, gateway = await login(GATEWAY_USER)
     br, broker = await login(BROKER_USER)
     await gw.jetstream().add_stream(name="RT_ROOMS", subjects=["rt.room.*"])
     # A gateway: no deletes or purges, no presence events, no broker requests.
-    for subject in ("$JS.API.STREAM.DELETE.RT_ROOMS", "$JS.API.STREAM.PURGE.RT_ROOMS",
-                    "$JS.API.CONSUMER.CREATE.RT_ROOMS"):
+    for subject in (
+        "$JS.API.STREAM.DELETE.RT_ROOMS",
+        "$JS.API.STREAM.PURGE.RT_ROOMS",
+        "$JS.API.CONSUMER.CREATE.RT_ROOMS",
+    ):
         with pytest.raises(nats.errors.TimeoutError):
             await gw.request(subject, b"{}", timeout=0.5)
         await gateway.denied(f'Publish to "{subject}"')
-    for subject in (subjects.live_presence_user_subject("bob"), "rt.presence-journal",
-                    "$KV.rtgate_leases.presence"):
+    for subject in (
+        subjects.live_presence_user_subject("bob"),
+        "rt.presence-journal",
+        "$KV.rtgate_leases.presence",
+    ):
         await gw.publish(subject, b"{}")
         await gateway.denied(f'Publish to "{subject}"')
     for subject in ("rt.api.history", "rt.presence.>"):
@@ -319,19 +392,30 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rtgate-nats-test")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_file, key_file
 
 
@@ -349,8 +433,13 @@ async def test_the_tls_block_shown_works_once_uncommented(tmp_path: Path) -> Non
     node.start()
     try:
         ctx = ssl.create_default_context(cafile=str(cert_file))
-        nc = await nats.connect(f"tls://127.0.0.1:{node.port}", tls=ctx, user=GATEWAY_USER,
-                                password=PASSWORDS[GATEWAY_USER], allow_reconnect=False)
+        nc = await nats.connect(
+            f"tls://127.0.0.1:{node.port}",
+            tls=ctx,
+            user=GATEWAY_USER,
+            password=PASSWORDS[GATEWAY_USER],
+            allow_reconnect=False,
+        )
         try:
             assert nc.connected_url is not None and nc._server_info.get("tls_required")
             await nc.flush()
@@ -362,8 +451,11 @@ async def test_the_tls_block_shown_works_once_uncommented(tmp_path: Path) -> Non
 
 def _permissions(path: Path) -> str:
     text = path.read_text()
-    found = re.search(r"^# --- permissions: begin.*?^# --- permissions: end ---$", text,
-                      flags=re.MULTILINE | re.DOTALL)
+    found = re.search(
+        r"^# --- permissions: begin.*?^# --- permissions: end ---$",
+        text,
+        flags=re.MULTILINE | re.DOTALL,
+    )
     assert found is not None, path
     return found.group(0)
 

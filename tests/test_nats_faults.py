@@ -45,8 +45,9 @@ async def test_nats_restart_mid_session(
     await _wait_status(gw1, "/readyz", 200)
     await _wait_status(gw2, "/readyz", 200)
     # Subscriptions are back: a message through gw1 reaches bob on gw2 again.
-    after = (await a.ok_once_available("chat:message", {"roomId": "lobby",
-                                                        "content": "after"}))["message"]
+    after = (await a.ok_once_available("chat:message", {"roomId": "lobby", "content": "after"}))[
+        "message"
+    ]
     assert after["offset"] == before["offset"] + 1
     got = await b.next("chat:message", timeout=10)
     assert got["data"]["content"] == "after" and got["data"]["prevOffset"] == before["offset"]
@@ -79,8 +80,11 @@ async def test_full_stream_refuses_and_deletes_nothing(
     for _ in range(50):
         async with aiohttp.ClientSession() as s, s.get(gw.http("/metrics")) as resp:
             text = await resp.text()
-        line = [ln for ln in text.splitlines()
-                if ln.startswith('rtgate_stream_fill_ratio{stream="RT_ROOMS"}')]
+        line = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('rtgate_stream_fill_ratio{stream="RT_ROOMS"}')
+        ]
         if line and float(line[0].split()[-1]) > 0.5:
             break
         await asyncio.sleep(0.1)

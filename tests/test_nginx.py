@@ -31,8 +31,9 @@ SHIPPED = Path(__file__).resolve().parent.parent / "config" / "nginx.conf"
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 FAST = Backoff(base=0.05, cap=0.3)
 
-pytestmark = pytest.mark.skipif(NGINX is None,
-                                reason="nginx is not installed (apt-get install -y nginx)")
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install -y nginx)"
+)
 
 
 def nginx_config(tmp_path: Path, port: int, gateways: list[int]) -> Path:
@@ -43,10 +44,13 @@ def nginx_config(tmp_path: Path, port: int, gateways: list[int]) -> Path:
     options = set(re.findall(r"^    server 10\.0\.0\.\d+:8080(.*);$", shipped, re.MULTILINE))
     assert len(options) == 1, options
     servers = "".join(f"    server 127.0.0.1:{gw}{next(iter(options))};\n" for gw in gateways)
-    site = substitute(shipped, [
-        (r"^(    server 10\.0\.0\.\d+:8080.*;\n)+", servers),
-        (r"^    listen 80;$", f"    listen 127.0.0.1:{port};"),
-    ])
+    site = substitute(
+        shipped,
+        [
+            (r"^(    server 10\.0\.0\.\d+:8080.*;\n)+", servers),
+            (r"^    listen 80;$", f"    listen 127.0.0.1:{port};"),
+        ],
+    )
     (tmp_path / "rtgate.conf").write_text(site)
     main = f"""
 worker_processes 1;
@@ -72,15 +76,37 @@ def start_nginx(conf: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
     """Check the config with ``nginx -t``, then run nginx in the foreground, as a plain
     process of the test (no daemon, no system paths: -e and pid go to tmp_path)."""
     assert NGINX is not None
-    check = subprocess.run([NGINX, "-t", "-c", str(conf), "-e", str(tmp_path / "nginx-t.log"),
-                            "-g", f"pid {tmp_path}/nginx-t.pid;"],
-                           capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        [
+            NGINX,
+            "-t",
+            "-c",
+            str(conf),
+            "-e",
+            str(tmp_path / "nginx-t.log"),
+            "-g",
+            f"pid {tmp_path}/nginx-t.pid;",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
     with (tmp_path / "nginx.out").open("ab") as out:
         return subprocess.Popen(
-            [NGINX, "-c", str(conf), "-e", str(tmp_path / "nginx-error.log"),
-             "-g", f"daemon off; pid {tmp_path}/nginx.pid;"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                NGINX,
+                "-c",
+                str(conf),
+                "-e",
+                str(tmp_path / "nginx-error.log"),
+                "-g",
+                f"daemon off; pid {tmp_path}/nginx.pid;",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 @pytest.fixture
@@ -100,12 +126,15 @@ def _get(url: str) -> int:
 
 
 async def test_clients_through_nginx_survive_a_gateway_kill(
-        procs: Procs, tmp_path: Path, clients: list[Client]) -> None:
+    procs: Procs, tmp_path: Path, clients: list[Client]
+) -> None:
     # nginx's loopback address is a trusted proxy: its X-Forwarded-For is believed.
     # A short drain, so the deploy below takes a second.
-    edge: dict[str, Any] = {"RTGATE_EDGE__TRUSTED_PROXIES": "127.0.0.1",
-                            "RTGATE_EDGE__DRAIN_SECONDS": "1",
-                            "RTGATE_EDGE__RECONNECT_JITTER_MS": "200"}
+    edge: dict[str, Any] = {
+        "RTGATE_EDGE__TRUSTED_PROXIES": "127.0.0.1",
+        "RTGATE_EDGE__DRAIN_SECONDS": "1",
+        "RTGATE_EDGE__RECONNECT_JITTER_MS": "200",
+    }
     gateways = {gw: procs.gateway(gw, **edge) for gw in ("gw1", "gw2")}
     port = free_port()
     conf = nginx_config(tmp_path, port, [p for _, p in gateways.values()])
@@ -118,8 +147,9 @@ async def test_clients_through_nginx_survive_a_gateway_kill(
         assert _get(f"http://127.0.0.1:{port}/metrics") == 404
         assert _get(f"http://127.0.0.1:{port}/api/publish") == 403
 
-        alice = Client(url, token=token("alice"), backoff=FAST,
-                       headers={"X-Forwarded-For": "203.0.113.7"})
+        alice = Client(
+            url, token=token("alice"), backoff=FAST, headers={"X-Forwarded-For": "203.0.113.7"}
+        )
         bob = Client(url, token=token("bob"), backoff=FAST)
         clients.extend((alice, bob))
         events, b_events = Events(alice), Events(bob)
@@ -164,8 +194,11 @@ async def test_clients_through_nginx_survive_a_gateway_kill(
         # Nothing lost, nothing twice, in order, on both sides.
         got = [d for k, d in events.seen if k in ("chat:message", "chat:message:sent")]
         assert [d["content"] for d in got if d["userId"] == "bob"] == [f"b{i}" for i in range(14)]
-        assert [d["content"] for d in got if d["userId"] == "alice"] == \
-            ["a-first", *[f"a{i}" for i in range(10)], "a-last"]
+        assert [d["content"] for d in got if d["userId"] == "alice"] == [
+            "a-first",
+            *[f"a{i}" for i in range(10)],
+            "a-last",
+        ]
         assert len({d["id"] for d in got}) == len(got)
         offsets = [d["offset"] for d in got]
         assert offsets == sorted(offsets)
@@ -178,16 +211,20 @@ async def test_clients_through_nginx_survive_a_gateway_kill(
         procs.gateway(a_gw, port=gateways[a_gw][1], **edge)
         gateways[b_gw][0].send_signal(signal.SIGTERM)
         await b_events.next("reconnect")
-        moved = [(await events.count("connect", 3, timeout=15))[-1],
-                 (await b_events.count("connect", 2, timeout=15))[-1]]
+        moved = [
+            (await events.count("connect", 3, timeout=15))[-1],
+            (await b_events.count("connect", 2, timeout=15))[-1],
+        ]
         assert [m["gatewayId"] for m in moved] == [a_gw, a_gw]
         assert gateways[b_gw][0].wait(15) == 0
         after = await bob.send_message("lobby", "after-deploy")
         await events.next("chat:message", where=lambda d: d["id"] == after["id"])
         got = [d for k, d in events.seen if k in ("chat:message", "chat:message:sent")]
         assert len({d["id"] for d in got}) == len(got)
-        assert [d["content"] for d in got if d["userId"] == "bob"] == \
-            [*[f"b{i}" for i in range(14)], "after-deploy"]
+        assert [d["content"] for d in got if d["userId"] == "bob"] == [
+            *[f"b{i}" for i in range(14)],
+            "after-deploy",
+        ]
     finally:
         nginx.terminate()
         try:

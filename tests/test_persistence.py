@@ -45,8 +45,10 @@ async def test_history_pages_newest_first_with_prev_offsets(
     gw = await make_gateway(limits={"rate_burst": 1000})
     a = await connect(gw, "alice")
     await a.ok("room:join", "lobby")
-    sent = [(await a.ok("chat:message", {"roomId": "lobby", "content": f"m{i}"}))["message"]
-            for i in range(25)]
+    sent = [
+        (await a.ok("chat:message", {"roomId": "lobby", "content": f"m{i}"}))["message"]
+        for i in range(25)
+    ]
     await _persisted(broker, Channel.room("lobby"), 25)
     page = await a.ok("history", {"roomId": "lobby", "limit": 10})
     assert [i["data"]["content"] for i in page["items"]] == [f"m{i}" for i in range(24, 14, -1)]
@@ -104,15 +106,15 @@ async def test_direct_history_has_received_and_sent(
     assert [i["data"]["content"] for i in page["items"]] == ["hi alice", "hi bob"]
 
 
-async def test_history_without_a_broker_is_unavailable(gateway: Any,
-                                                       connect: ClientFactory) -> None:
+async def test_history_without_a_broker_is_unavailable(
+    gateway: Any, connect: ClientFactory
+) -> None:
     a = await connect(gateway, "alice")
     assert await a.error("history", {"roomId": "lobby"}) == "unavailable"
 
 
 async def test_broker_down_then_up_persists_everything_and_purges_only_stored(
-    make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer,
-    tmp_path: Path
+    make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     gw = await make_gateway(limits={"rate_burst": 1000})
     a = await connect(gw, "alice")
@@ -120,8 +122,9 @@ async def test_broker_down_then_up_persists_everything_and_purges_only_stored(
     for i in range(40):
         await a.ok("chat:message", {"roomId": "lobby", "content": f"m{i}"})
     config = broker_config(nats_server.url, tmp_path / "broker")
-    config = dataclasses.replace(config, streams=dataclasses.replace(
-        config.streams, recovery_window_seconds=0.0))
+    config = dataclasses.replace(
+        config, streams=dataclasses.replace(config.streams, recovery_window_seconds=0.0)
+    )
     broker = Broker(config)
     # Nothing persisted yet: a purge must not drop anything.
     await broker.start()
@@ -149,8 +152,10 @@ async def test_broker_down_then_up_persists_everything_and_purges_only_stored(
 
 
 async def test_a_delivery_lost_in_flight_is_stored_after_ack_wait(
-    make_gateway: GatewayFactory, connect: ClientFactory, make_broker: BrokerFactory,
-    nats_server: NatsServer
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    make_broker: BrokerFactory,
+    nats_server: NatsServer,
 ) -> None:
     """A message JetStream delivered to a broker that never got it (its NATS node
     died with the delivery on the wire) is only "unacked" to JetStream: it is
@@ -163,14 +168,18 @@ async def test_a_delivery_lost_in_flight_is_stored_after_ack_wait(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        old = ConsumerConfig(name=subjects.PERSIST_CONSUMER,
-                             durable_name=subjects.PERSIST_CONSUMER,
-                             filter_subject=f"{subjects.ROOM_PREFIX}*",
-                             ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
-                             max_ack_pending=10000)
+        old = ConsumerConfig(
+            name=subjects.PERSIST_CONSUMER,
+            durable_name=subjects.PERSIST_CONSUMER,
+            filter_subject=f"{subjects.ROOM_PREFIX}*",
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=10000,
+        )
         await js.add_consumer(subjects.ROOMS_STREAM, config=old)
-        psub = await js.pull_subscribe_bind(durable=subjects.PERSIST_CONSUMER,
-                                            stream=subjects.ROOMS_STREAM)
+        psub = await js.pull_subscribe_bind(
+            durable=subjects.PERSIST_CONSUMER, stream=subjects.ROOMS_STREAM
+        )
         (lost,) = await psub.fetch(1, timeout=5)  # delivered, never acked
         assert lost.metadata.sequence.stream == 1
         await psub.unsubscribe()
@@ -196,9 +205,12 @@ async def test_second_sqlite_broker_refuses_to_start(
     make_broker: BrokerFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     await make_broker()
-    other = Broker(dataclasses.replace(broker_config(nats_server.url, tmp_path / "other"),
-                                       broker=BrokerSettings(id="b2",
-                                                             state_dir=str(tmp_path / "o"))))
+    other = Broker(
+        dataclasses.replace(
+            broker_config(nats_server.url, tmp_path / "other"),
+            broker=BrokerSettings(id="b2", state_dir=str(tmp_path / "o")),
+        )
+    )
     with pytest.raises(StoreError, match="postgres"):
         await other.start()
     await other.stop()
@@ -218,23 +230,35 @@ async def _kill_test(nats_server: NatsServer, tmp_path: Path) -> None:
     from tests.wsclient import WsClient
 
     state = tmp_path / "killed"
-    env = env_without_rtgate({"RTGATE_NATS__URLS": nats_server.url,
-                              "RTGATE_BROKER__STATE_DIR": str(state),
-                              "RTGATE_BROKER__PORT": "0", "RTGATE_LOG__LEVEL": "warning"})
+    env = env_without_rtgate(
+        {
+            "RTGATE_NATS__URLS": nats_server.url,
+            "RTGATE_BROKER__STATE_DIR": str(state),
+            "RTGATE_BROKER__PORT": "0",
+            "RTGATE_LOG__LEVEL": "warning",
+        }
+    )
 
     def start_broker() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "broker"], env=env)
 
     servers = []
     for name in ("gw1", "gw2"):
-        server = TestServer(create_app(gateway_config(
-            nats_server.url, name, limits={"rate_per_second": 5000.0, "rate_burst": 5000})),
-            host="127.0.0.1")
+        server = TestServer(
+            create_app(
+                gateway_config(
+                    nats_server.url, name, limits={"rate_per_second": 5000.0, "rate_burst": 5000}
+                )
+            ),
+            host="127.0.0.1",
+        )
         await server.start_server()
         servers.append(server)
     broker = start_broker()
-    clients = [await WsClient.connect(str(s.make_url("/ws")), token=token(f"u{i}"))
-               for i, s in enumerate(servers)]
+    clients = [
+        await WsClient.connect(str(s.make_url("/ws")), token=token(f"u{i}"))
+        for i, s in enumerate(servers)
+    ]
     try:
         for c in clients:
             await c.next("welcome")
@@ -244,8 +268,9 @@ async def _kill_test(nats_server: NatsServer, tmp_path: Path) -> None:
 
         async def publish(client: WsClient, n: int) -> None:
             for i in range(n):
-                ack = await client.request("chat:message", {"roomId": "load",
-                                                            "content": f"{id(client)}-{i}"})
+                ack = await client.request(
+                    "chat:message", {"roomId": "load", "content": f"{id(client)}-{i}"}
+                )
                 if ack["ok"]:
                     acked.append(ack["data"]["message"]["offset"])
                 if len(acked) >= 400:
@@ -280,15 +305,19 @@ async def _kill_test(nats_server: NatsServer, tmp_path: Path) -> None:
 
 
 async def test_history_walks_a_room_across_a_stream_epoch_change(
-    make_gateway: GatewayFactory, connect: ClientFactory, make_broker: BrokerFactory,
-    nats_server: NatsServer
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    make_broker: BrokerFactory,
+    nats_server: NatsServer,
 ) -> None:
     broker = await make_broker()
     gw = await make_gateway(streams={"stats_interval_seconds": 0.1})
     a = await connect(gw, "alice")
     await a.ok("room:join", "lobby")
-    old = [(await a.ok("chat:message", {"roomId": "lobby", "content": f"old {i}"}))["message"]
-           for i in range(3)]
+    old = [
+        (await a.ok("chat:message", {"roomId": "lobby", "content": f"old {i}"}))["message"]
+        for i in range(3)
+    ]
     await _persisted(broker, Channel.room("lobby"), 3)
     nc = await nats.connect(nats_server.url)
     try:
@@ -296,18 +325,23 @@ async def test_history_walks_a_room_across_a_stream_epoch_change(
     finally:
         await nc.close()
     # The gateway re-provisions the stream on the first refused publish.
-    new = [(await a.ok_once_available("chat:message", {"roomId": "lobby",
-                                                       "content": f"new {i}"}))["message"]
-           for i in range(3)]
+    new = [
+        (await a.ok_once_available("chat:message", {"roomId": "lobby", "content": f"new {i}"}))[
+            "message"
+        ]
+        for i in range(3)
+    ]
     assert new[0]["epoch"] != old[0]["epoch"] and new[0]["offset"] == 1
     await _persisted(broker, Channel.room("lobby"), 6)
     seen: list[tuple[str, int, str]] = []
     cursor = None
     while True:
-        page = await a.ok("history", {"roomId": "lobby", "limit": 2,
-                                      **({"cursor": cursor} if cursor else {})})
-        seen += [(i["data"]["epoch"], i["data"]["offset"], i["data"]["content"])
-                 for i in page["items"]]
+        page = await a.ok(
+            "history", {"roomId": "lobby", "limit": 2, **({"cursor": cursor} if cursor else {})}
+        )
+        seen += [
+            (i["data"]["epoch"], i["data"]["offset"], i["data"]["content"]) for i in page["items"]
+        ]
         cursor = page.get("nextCursor")
         if not cursor:
             break
@@ -316,8 +350,7 @@ async def test_history_walks_a_room_across_a_stream_epoch_change(
 
 
 async def test_postgres_backend_persists_and_serves_history(
-    make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer,
-    tmp_path: Path
+    make_gateway: GatewayFactory, connect: ClientFactory, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     import os
     import uuid
@@ -334,8 +367,9 @@ async def test_postgres_backend_persists_and_serves_history(
         # asyncpg passes unknown DSN parameters on as server settings.
         scoped = f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
         config = broker_config(nats_server.url, tmp_path / "pg")
-        config = dataclasses.replace(config, store=StoreSettings(backend="postgres",
-                                                                 postgres_dsn=scoped))
+        config = dataclasses.replace(
+            config, store=StoreSettings(backend="postgres", postgres_dsn=scoped)
+        )
         broker = Broker(config)
         await broker.start()
         try:
@@ -348,8 +382,9 @@ async def test_postgres_backend_persists_and_serves_history(
             rows = await admin.fetchval(f"SELECT count(*) FROM {schema}.messages")
             assert rows == 5
             page = await a.ok("history", {"roomId": "lobby"})
-            assert [i["data"]["content"] for i in page["items"]] == [f"m{i}" for i in
-                                                                     range(4, -1, -1)]
+            assert [i["data"]["content"] for i in page["items"]] == [
+                f"m{i}" for i in range(4, -1, -1)
+            ]
         finally:
             await broker.stop()
     finally:

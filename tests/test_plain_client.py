@@ -27,10 +27,13 @@ async def recv_until(ws: ClientConnection, kind: str, **match: Any) -> dict[str,
 
 
 async def test_plain_websocket_client_joins_chats_gets_acks_and_errors(
-        make_gateway: GatewayFactory) -> None:
+    make_gateway: GatewayFactory,
+) -> None:
     gw = await make_gateway()
-    async with (connect(f"{ws_url(gw)}?token={token('alice')}") as alice,
-                connect(f"{ws_url(gw)}?token={token('bob')}") as bob):
+    async with (
+        connect(f"{ws_url(gw)}?token={token('alice')}") as alice,
+        connect(f"{ws_url(gw)}?token={token('bob')}") as bob,
+    ):
         # A token in the handshake: welcome is the first frame.
         welcome = json.loads(await alice.recv())
         assert welcome["type"] == "welcome" and welcome["data"]["userId"] == "alice"
@@ -41,8 +44,15 @@ async def test_plain_websocket_client_joins_chats_gets_acks_and_errors(
             ack = await recv_until(ws, "ack", id=i)
             assert ack["ok"] is True and ack["data"]["roomId"] == "lobby"
 
-        await alice.send(json.dumps({"type": "chat:message", "id": 10, "data": {
-            "roomId": "lobby", "content": "hello", "clientId": "m-1"}}))
+        await alice.send(
+            json.dumps(
+                {
+                    "type": "chat:message",
+                    "id": 10,
+                    "data": {"roomId": "lobby", "content": "hello", "clientId": "m-1"},
+                }
+            )
+        )
         # The ack and the sender's own copy travel separate paths: either may come first.
         frames: dict[str, dict[str, Any]] = {}
         async with asyncio.timeout(5):
@@ -58,8 +68,11 @@ async def test_plain_websocket_client_joins_chats_gets_acks_and_errors(
         assert (got["content"], got["userId"], got["id"]) == ("hello", "alice", stored["id"])
 
         # A refused frame with an id gets an error ack with a code to program against.
-        await bob.send(json.dumps({"type": "chat:message", "id": 11, "data": {
-            "roomId": "elsewhere", "content": "hi"}}))
+        await bob.send(
+            json.dumps(
+                {"type": "chat:message", "id": 11, "data": {"roomId": "elsewhere", "content": "hi"}}
+            )
+        )
         ack = await recv_until(bob, "ack", id=11)
         assert ack["ok"] is False and "data" not in ack
         assert ack["error"]["code"] == "forbidden"
@@ -73,7 +86,8 @@ async def test_plain_websocket_client_joins_chats_gets_acks_and_errors(
 
 
 async def test_plain_browser_style_client_authenticates_with_an_auth_frame(
-        make_gateway: GatewayFactory) -> None:
+    make_gateway: GatewayFactory,
+) -> None:
     """What a browser does (README snippet): no token in the URL, an auth frame after
     open, frames sent back to back without waiting for each ack."""
     gw = await make_gateway()
@@ -81,8 +95,11 @@ async def test_plain_browser_style_client_authenticates_with_an_auth_frame(
         for frame in (
             {"type": "auth", "id": 1, "data": {"token": token("carol")}},
             {"type": "room:join", "id": 2, "data": {"roomId": "lobby"}},
-            {"type": "chat:message", "id": 3,
-             "data": {"roomId": "lobby", "content": "hello", "clientId": "m-1"}},
+            {
+                "type": "chat:message",
+                "id": 3,
+                "data": {"roomId": "lobby", "content": "hello", "clientId": "m-1"},
+            },
         ):
             await ws.send(json.dumps(frame))
         assert (await recv_until(ws, "ack", id=1))["data"]["userId"] == "carol"

@@ -33,12 +33,15 @@ GRACE = FAST_PRESENCE["grace_seconds"]
 API_KEY = "k" * 32
 
 
-async def _setup(make_broker: BrokerFactory, make_gateway: GatewayFactory, *gateway_ids: str,
-                 **presence: Any) -> tuple[Broker, list[Gateway]]:
+async def _setup(
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, *gateway_ids: str, **presence: Any
+) -> tuple[Broker, list[Gateway]]:
     settings = dict(FAST_PRESENCE, **presence)
     broker = await make_broker(presence=settings)
-    gateways = [await make_gateway(gid, presence=settings, server={"api_key": API_KEY})
-                for gid in gateway_ids]
+    gateways = [
+        await make_gateway(gid, presence=settings, server={"api_key": API_KEY})
+        for gid in gateway_ids
+    ]
     await answering(broker)
     return broker, gateways
 
@@ -59,10 +62,9 @@ async def quiet(client: WsClient, kinds: tuple[str, ...], seconds: float) -> Non
 
 
 async def test_two_tabs_on_two_gateways_watched_by_a_third_user(
-        make_broker: BrokerFactory, make_gateway: GatewayFactory,
-        connect: ClientFactory) -> None:
-    broker, (gw1, gw2) = await _setup(make_broker, make_gateway, "gw1", "gw2",
-                                      visibility="all")
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
+    broker, (gw1, gw2) = await _setup(make_broker, make_gateway, "gw1", "gw2", visibility="all")
     carol = await connect(gw1, "carol")
     await carol.ok("room:join", "lobby")
     ack = await carol.ok("presence:subscribe", {"userIds": ["alice"]})
@@ -79,17 +81,26 @@ async def test_two_tabs_on_two_gateways_watched_by_a_third_user(
     await tab2.ok("room:join", "lobby")
     state = broker.presence.state if broker.presence else None
     assert state is not None
-    await wait_until(lambda: state.socket_count("alice") == 2 and
-                state.room_members("lobby")[0].socket_count == 2)
+    await wait_until(
+        lambda: (
+            state.socket_count("alice") == 2 and state.room_members("lobby")[0].socket_count == 2
+        )
+    )
     members = await carol.ok("presence", {"roomId": "lobby"})
-    assert members == {"roomId": "lobby", "count": 2, "members": [
-        {"userId": "alice", "username": "Alice", "socketCount": 2},
-        {"userId": "carol", "username": "carol", "socketCount": 1}]}
+    assert members == {
+        "roomId": "lobby",
+        "count": 2,
+        "members": [
+            {"userId": "alice", "username": "Alice", "socketCount": 2},
+            {"userId": "carol", "username": "carol", "socketCount": 1},
+        ],
+    }
 
     await tab1.close()
     await wait_until(lambda: state.socket_count("alice") == 1)
-    await quiet(carol, ("user:online", "user:offline", "room:user_joined", "room:user_left"),
-                GRACE + 0.5)
+    await quiet(
+        carol, ("user:online", "user:offline", "room:user_joined", "room:user_left"), GRACE + 0.5
+    )
 
     loop = asyncio.get_running_loop()
     await tab2.close()
@@ -104,10 +115,11 @@ async def test_two_tabs_on_two_gateways_watched_by_a_third_user(
 
 
 async def test_reconnect_within_grace_is_silent_and_after_it_is_not(
-        make_broker: BrokerFactory, make_gateway: GatewayFactory,
-        connect: ClientFactory) -> None:
-    _, (gw1, gw2) = await _setup(make_broker, make_gateway, "gw1", "gw2",
-                                 visibility="all", grace_seconds=2.0)
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
+    _, (gw1, gw2) = await _setup(
+        make_broker, make_gateway, "gw1", "gw2", visibility="all", grace_seconds=2.0
+    )
     carol = await connect(gw1, "carol")
     await carol.ok("room:join", "lobby")
     alice = await connect(gw1, "alice")
@@ -135,10 +147,12 @@ async def test_reconnect_within_grace_is_silent_and_after_it_is_not(
     await carol.next("room:user_joined", userId="alice")
 
 
-async def test_shared_rooms_visibility(make_broker: BrokerFactory, make_gateway: GatewayFactory,
-                                       connect: ClientFactory) -> None:
-    broker, (gw1, gw2) = await _setup(make_broker, make_gateway, "gw1", "gw2",
-                                      direct_messages="shared-rooms")
+async def test_shared_rooms_visibility(
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
+    broker, (gw1, gw2) = await _setup(
+        make_broker, make_gateway, "gw1", "gw2", direct_messages="shared-rooms"
+    )
     alice = await connect(gw1, "alice")
     bob = await connect(gw2, "bob")
     mallory = await connect(gw2, "mallory")
@@ -147,40 +161,45 @@ async def test_shared_rooms_visibility(make_broker: BrokerFactory, make_gateway:
     await mallory.ok("room:join", "elsewhere")
     state = broker.presence.state if broker.presence else None
     assert state is not None
-    await wait_until(lambda: state.shares_room("alice", "bob") and state.is_online("mallory")
-                and state.room_count("elsewhere") == 1)
+    await wait_until(
+        lambda: (
+            state.shares_room("alice", "bob")
+            and state.is_online("mallory")
+            and state.room_count("elsewhere") == 1
+        )
+    )
 
     # A roommate may ask and watch; a stranger may not, whether or not they are online.
-    assert await bob.ok("presence:users", {"userIds": ["alice"]}) == {
-        "online": {"alice": True}}
-    assert (await bob.ok("presence:subscribe", {"userIds": ["alice"]}))["online"] == {
-        "alice": True}
+    assert await bob.ok("presence:users", {"userIds": ["alice"]}) == {"online": {"alice": True}}
+    assert (await bob.ok("presence:subscribe", {"userIds": ["alice"]}))["online"] == {"alice": True}
     assert await mallory.error("presence:users", {"userIds": ["alice"]}) == "forbidden"
     assert await mallory.error("presence:users", {"userIds": ["nobody"]}) == "forbidden"
     assert await mallory.error("presence:subscribe", {"userIds": ["alice"]}) == "forbidden"
     assert await mallory.ok("presence:users", {"userIds": ["mallory"]}) == {
-        "online": {"mallory": True}}
+        "online": {"mallory": True}
+    }
     # The room list itself follows the join rule (the token allows every room here).
     assert (await mallory.ok("presence", {"roomId": "team"}))["count"] == 2
 
     # Direct messages under shared-rooms: roommates yes, strangers no.
     await bob.ok("direct:message", {"toUserId": "alice", "content": "hi"})
     await alice.next("direct:message")
-    assert await mallory.error("direct:message",
-                               {"toUserId": "alice", "content": "hi"}) == "forbidden"
-    assert await mallory.error("direct:message",
-                               {"toUserId": "ghost", "content": "hi"}) == "forbidden"
+    assert (
+        await mallory.error("direct:message", {"toUserId": "alice", "content": "hi"}) == "forbidden"
+    )
+    assert (
+        await mallory.error("direct:message", {"toUserId": "ghost", "content": "hi"}) == "forbidden"
+    )
     # A stranger's presence never reached mallory.
     await alice.close()
     await bob.next("user:offline", userId="alice")
     assert mallory.take("user:offline") == [] and mallory.take("user:online") == []
 
 
-async def test_query_limits_and_bad_input(make_broker: BrokerFactory,
-                                          make_gateway: GatewayFactory,
-                                          connect: ClientFactory) -> None:
-    broker, (gw1,) = await _setup(make_broker, make_gateway, "gw1", visibility="all",
-                                  max_watched=3)
+async def test_query_limits_and_bad_input(
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
+    broker, (gw1,) = await _setup(make_broker, make_gateway, "gw1", visibility="all", max_watched=3)
     alice = await connect(gw1, "alice")
     too_many = [f"u{i}" for i in range(101)]
     assert await alice.error("presence:users", {"userIds": too_many}) == "limit_exceeded"
@@ -209,13 +228,13 @@ async def test_query_limits_and_bad_input(make_broker: BrokerFactory,
         seen += [m["userId"] for m in page["members"]]
         if "cursor" not in page:
             break
-        page = await alice.ok("presence", {"roomId": "big", "limit": 2,
-                                           "cursor": page["cursor"]})
+        page = await alice.ok("presence", {"roomId": "big", "limit": 2, "cursor": page["cursor"]})
     assert seen == ["m0", "m1", "m2", "m3", "m4"]
 
 
-async def test_server_api_presence(make_broker: BrokerFactory, make_gateway: GatewayFactory,
-                                   connect: ClientFactory) -> None:
+async def test_server_api_presence(
+    make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     broker, (gw1,) = await _setup(make_broker, make_gateway, "gw1")
     alice = await connect(gw1, "alice", name="Alice")
     await alice.ok("room:join", "lobby")
@@ -226,12 +245,19 @@ async def test_server_api_presence(make_broker: BrokerFactory, make_gateway: Gat
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(gw1.http("/api/rooms/lobby/presence")) as resp:
             assert resp.status == 200
-            assert await resp.json() == {"roomId": "lobby", "count": 1, "members": [
-                {"userId": "alice", "username": "Alice", "socketCount": 1}]}
+            assert await resp.json() == {
+                "roomId": "lobby",
+                "count": 1,
+                "members": [{"userId": "alice", "username": "Alice", "socketCount": 1}],
+            }
         async with http.get(gw1.http("/api/users/alice/presence")) as resp:
-            assert await resp.json() == {"userId": "alice", "online": True,
-                                         "username": "Alice", "socketCount": 1,
-                                         "rooms": ["lobby"]}
+            assert await resp.json() == {
+                "userId": "alice",
+                "online": True,
+                "username": "Alice",
+                "socketCount": 1,
+                "rooms": ["lobby"],
+            }
         async with http.get(gw1.http("/api/users/nobody/presence")) as resp:
             assert (await resp.json())["online"] is False
         async with http.get(gw1.http("/api/rooms/lobby/presence?limit=abc")) as resp:
@@ -245,7 +271,8 @@ async def test_server_api_presence(make_broker: BrokerFactory, make_gateway: Gat
 
 
 async def test_no_presence_service_is_unavailable_not_empty(
-        make_gateway: GatewayFactory, connect: ClientFactory) -> None:
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway("gw1", presence=dict(FAST_PRESENCE, visibility="all"))
     alice = await connect(gw, "alice")
     assert await alice.error("presence:users", {"userIds": ["bob"]}) == "unavailable"
@@ -256,8 +283,11 @@ async def test_no_presence_service_is_unavailable_not_empty(
 
 
 async def test_events_from_a_replaced_service_are_dropped(
-        make_broker: BrokerFactory, make_gateway: GatewayFactory, connect: ClientFactory,
-        nats_server: Any) -> None:
+    make_broker: BrokerFactory,
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    nats_server: Any,
+) -> None:
     broker, (gw1,) = await _setup(make_broker, make_gateway, "gw1", visibility="all")
     assert broker.presence is not None
     revision = broker.presence.revision
@@ -277,8 +307,9 @@ async def test_events_from_a_replaced_service_are_dropped(
             subject, kind = subjects.live_room_subject(room), "room:user_joined"
             data["roomId"] = room
             headers[subjects.HDR_PRESENCE_USER] = user
-        await nc.publish(subject, json.dumps({"type": kind, "data": data}).encode(),
-                         headers=headers)
+        await nc.publish(
+            subject, json.dumps({"type": kind, "data": data}).encode(), headers=headers
+        )
 
     try:
         await publish("zed", "old", revision - 1)
@@ -297,12 +328,14 @@ async def test_events_from_a_replaced_service_are_dropped(
 
 
 async def test_reports_that_arrive_during_an_append_share_the_next_one(
-        make_broker: BrokerFactory, nats_server: Any) -> None:
+    make_broker: BrokerFactory, nats_server: Any
+) -> None:
     """Group commit: a quiet gateway's reports (one change each), back to back,
     are journaled in fewer entries than reports, and the journal replays to the
     same state."""
-    broker = await make_broker(presence=dict(FAST_PRESENCE, snapshot_interval_seconds=3600,
-                                              missed_heartbeats=100))
+    broker = await make_broker(
+        presence=dict(FAST_PRESENCE, snapshot_interval_seconds=3600, missed_heartbeats=100)
+    )
     await answering(broker)
     presence = broker.presence
     assert presence is not None and presence.state is not None
@@ -311,22 +344,23 @@ async def test_reports_that_arrive_during_an_append_share_the_next_one(
     nc = await nats.connect(nats_server.url)
     try:
         for i, user in enumerate(users):
-            await nc.publish(subjects.presence_subject("events", "sim"),
-                             wire.encode_changes("sim", [wire.Change("connect", f"c{i}",
-                                                                     user, user)]))
+            await nc.publish(
+                subjects.presence_subject("events", "sim"),
+                wire.encode_changes("sim", [wire.Change("connect", f"c{i}", user, user)]),
+            )
         await nc.flush()
         await wait_until(lambda: all(state.is_online(u) for u in users))
         log = Journal(nc, 1, 2.0)
         entries = await log.after(0)
-        reports = [r for e in entries for r in presence_journal.unbatch(e)
-                   if r[0] == "events"]
+        reports = [r for e in entries for r in presence_journal.unbatch(e) if r[0] == "events"]
         assert len(reports) == len(users)
         carrying = [e for e in entries if e.kind in ("events", presence_journal.BATCH)]
         assert len(carrying) < len(users), "every report had its own append"
         assert any(e.kind == presence_journal.BATCH for e in carrying)
 
         replayed, exact = await PresenceService(
-            nc, presence._settings, "other", CollectorRegistry())._rebuild(None, log, 0.0)
+            nc, presence._settings, "other", CollectorRegistry()
+        )._rebuild(None, log, 0.0)
         assert exact and replayed is not None
         assert all(replayed.socket_count(u) == 1 for u in users)
     finally:

@@ -49,8 +49,9 @@ async def _count_is(client: WsClient, room: str, count: int) -> None:
     await wait_until(check, timeout=20, pause=0.05)
 
 
-async def test_kill_9_gateway_with_50_users(procs: Procs, make_gateway: GatewayFactory,
-                                           connect: ClientFactory) -> None:
+async def test_kill_9_gateway_with_50_users(
+    procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     procs.broker("b1")
     victim, victim_port = procs.gateway("doomed")
     survivor = await make_gateway("survivor", presence=FAST_PRESENCE)
@@ -94,8 +95,7 @@ async def test_kill_9_gateway_with_50_users(procs: Procs, make_gateway: GatewayF
         assert took <= bound, f"{took:.2f}s > {bound}s"
         # Nothing about bob, who is on the surviving gateway.
         assert not [f for f in carol.frames if f.get("data", {}).get("userId") == "bob"]
-        assert await bob.ok("presence:users", {"userIds": ["carol"]}) == {
-            "online": {"carol": True}}
+        assert await bob.ok("presence:users", {"userIds": ["carol"]}) == {"online": {"carol": True}}
         page = await carol.ok("presence", {"roomId": "lobby"})
         assert [m["userId"] for m in page["members"]] == ["bob", "carol"]
         assert (await carol.ok("presence", {"roomId": "own-user00"}))["count"] == 0
@@ -106,16 +106,17 @@ async def test_kill_9_gateway_with_50_users(procs: Procs, make_gateway: GatewayF
             await client.close()
 
 
-async def _presence_view(client: WsClient, users: list[str], rooms: list[str]
-                         ) -> dict[str, Any]:
-    return {"users": await _answered(client, "presence:users", {"userIds": users}),
-            "rooms": [await _answered(client, "presence", {"roomId": r}) for r in rooms]}
+async def _presence_view(client: WsClient, users: list[str], rooms: list[str]) -> dict[str, Any]:
+    return {
+        "users": await _answered(client, "presence:users", {"userIds": users}),
+        "rooms": [await _answered(client, "presence", {"roomId": r}) for r in rooms],
+    }
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 async def test_restarted_presence_service_answers_the_same_and_stays_quiet(
-        how: str, procs: Procs, make_gateway: GatewayFactory,
-        connect: ClientFactory) -> None:
+    how: str, procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     broker, _ = procs.broker("b1")
     presence = dict(FAST_PRESENCE, visibility="all")  # dave, in no room, is asked about
     gw1 = await make_gateway("gw1", presence=presence)
@@ -131,8 +132,7 @@ async def test_restarted_presence_service_answers_the_same_and_stays_quiet(
     users = ["alice", "bob", "carol", "dave"]
     rooms = ["lobby", "a", "b", "c"]
     before = await _presence_view(carol, users, rooms)
-    assert before["users"] == {"online": {"alice": True, "bob": True, "carol": True,
-                                          "dave": False}}
+    assert before["users"] == {"online": {"alice": True, "bob": True, "carol": True, "dave": False}}
     for c in (carol, alice, bob):
         c.frames.clear()  # the joins so far
 
@@ -143,8 +143,9 @@ async def test_restarted_presence_service_answers_the_same_and_stays_quiet(
     assert after == before
     # Several heartbeats and a grace period later: still nothing was announced.
     await asyncio.sleep(3 * HEARTBEAT + GRACE)
-    assert not [f for f in (carol.frames + alice.frames + bob.frames)
-                if f.get("type") in PRESENCE_KINDS]
+    assert not [
+        f for f in (carol.frames + alice.frames + bob.frames) if f.get("type") in PRESENCE_KINDS
+    ]
     # And the new service reports what happens next.
     dave = await connect(gw2, "dave")
     await dave.ok("room:join", "lobby")
@@ -152,7 +153,8 @@ async def test_restarted_presence_service_answers_the_same_and_stays_quiet(
 
 
 async def test_standby_broker_takes_over_when_the_active_one_is_killed(
-        procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory) -> None:
+    procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     first, first_port = procs.broker("b1")
     await wait_until(lambda: _active(first_port), timeout=20)
     _, second_port = procs.broker("b2", persist=False)
@@ -179,8 +181,7 @@ async def test_standby_broker_takes_over_when_the_active_one_is_killed(
     bound = LEASE_TTL + 0.5 + FAST_PRESENCE["settle_seconds"] + SLACK
     assert took <= bound, f"{took:.2f}s > {bound}s"
     assert gw.node.presence.revision > fence_before
-    assert await carol.ok("presence:users", {"userIds": ["alice"]}) == {
-        "online": {"alice": True}}
+    assert await carol.ok("presence:users", {"userIds": ["alice"]}) == {"online": {"alice": True}}
     assert not [f for f in carol.frames if f.get("type") in PRESENCE_KINDS]
     # The new service reports changes: eve arrives, alice leaves.
     eve = await connect(gw, "eve")
@@ -195,7 +196,8 @@ async def test_standby_broker_takes_over_when_the_active_one_is_killed(
 
 
 async def test_gateway_declared_dead_then_back_resyncs(
-        procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory) -> None:
+    procs: Procs, make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     """A gateway paused (a partition, a long GC, SIGSTOP) past the deadline is declared
     dead; when it comes back it sends its full state and its users are back."""
     _, broker_port = procs.broker("b1")
@@ -219,8 +221,12 @@ async def test_gateway_declared_dead_then_back_resyncs(
         await carol.next("room:user_joined", userId="alice")
         assert (await carol.ok("presence", {"roomId": "lobby"}))["count"] == 2
         # Gauges follow within a tick.
-        await wait_until(lambda: "rtgate_presence_gateways_alive 2.0" in _get(
-            f"http://127.0.0.1:{broker_port}/metrics")[1])
+        await wait_until(
+            lambda: (
+                "rtgate_presence_gateways_alive 2.0"
+                in _get(f"http://127.0.0.1:{broker_port}/metrics")[1]
+            )
+        )
         _, metrics = _get(f"http://127.0.0.1:{broker_port}/metrics")
         assert 'rtgate_presence_events_total{type="user:offline"} 1.0' in metrics
         assert "rtgate_presence_users_online 2.0" in metrics

@@ -51,16 +51,23 @@ async def test_entries_after_a_takeover_mark_run_on_the_next_services_clock() ->
     a = PresenceState(_config())
     a.connect("g1", "c1", "alice", "Alice", 1000.0)
     saved = _saved(a, 1000.0, 1)
-    journal = _Journal([
-        Entry(2, 5.0, "takeover", "b", None),
-        Entry(3, 5.1, "events", "g1", _events("g1", wire.Change("disconnect", "c1", "alice",
-                                                                 "Alice"))),
-        Entry(4, 6.2, "tick", "", None),   # grace (1 s) over: B announced the offline
-    ])
+    journal = _Journal(
+        [
+            Entry(2, 5.0, "takeover", "b", None),
+            Entry(
+                3,
+                5.1,
+                "events",
+                "g1",
+                _events("g1", wire.Change("disconnect", "c1", "alice", "Alice")),
+            ),
+            Entry(4, 6.2, "tick", "", None),  # grace (1 s) over: B announced the offline
+        ]
+    )
     state, exact = await _service()._rebuild(saved, journal, 42.0)  # type: ignore[arg-type]
     assert exact and state is not None
     assert not state.is_online("alice")
-    assert state.tick(42.0 + 3600) == []   # nothing left to announce twice
+    assert state.tick(42.0 + 3600) == []  # nothing left to announce twice
 
 
 async def test_a_journaled_tick_declares_the_same_death_on_replay() -> None:
@@ -79,19 +86,29 @@ async def test_a_batch_entry_replays_its_reports_in_order() -> None:
     # g1 and g2, then g1's tab closes. Replayed, she is online with one socket
     # and nothing is left to announce.
     reports = [
-        ("events", "g1", wire.encode_changes("g1", [wire.Change("connect", "c1", "alice",
-                                                                 "Alice")])),
-        ("events", "g2", wire.encode_changes("g2", [wire.Change("connect", "c2", "alice",
-                                                                 "Alice")])),
-        ("events", "g1", wire.encode_changes("g1", [wire.Change("disconnect", "c1", "alice",
-                                                                 "Alice")])),
+        (
+            "events",
+            "g1",
+            wire.encode_changes("g1", [wire.Change("connect", "c1", "alice", "Alice")]),
+        ),
+        (
+            "events",
+            "g2",
+            wire.encode_changes("g2", [wire.Change("connect", "c2", "alice", "Alice")]),
+        ),
+        (
+            "events",
+            "g1",
+            wire.encode_changes("g1", [wire.Change("disconnect", "c1", "alice", "Alice")]),
+        ),
     ]
     raw = json.loads(presence_journal.encode_batch(3.0, reports))
     assert raw["kind"] == presence_journal.BATCH and len(raw["report"]) == 3
     entry = Entry(2, raw["now"], raw["kind"], raw["gateway"], raw["report"])
     assert [k for k, _, _ in presence_journal.unbatch(entry)] == ["events"] * 3
     state, exact = await _service()._rebuild(
-        None, _Journal([Entry(1, 1.0, "takeover", "a", None), entry]), 9.0)  # type: ignore[arg-type]
+        None, _Journal([Entry(1, 1.0, "takeover", "a", None), entry]), 9.0
+    )  # type: ignore[arg-type]
     assert exact and state is not None
     assert state.is_online("alice")
     assert state.socket_count("alice") == 1

@@ -49,8 +49,9 @@ def left(room: str, user: str) -> RoomUserLeft:
     return RoomUserLeft(room, user, user.title())
 
 
-def connect(p: PresenceState, gw: str, conn: str, user: str, now: float,
-            *rooms: str) -> list[PresenceEvent]:
+def connect(
+    p: PresenceState, gw: str, conn: str, user: str, now: float, *rooms: str
+) -> list[PresenceEvent]:
     events = p.connect(gw, conn, user, user.title(), now)
     for room in rooms:
         events += p.join(gw, conn, room, now)
@@ -63,15 +64,17 @@ def connect(p: PresenceState, gw: str, conn: str, user: str, now: float,
 
 def test_two_tabs_on_two_gateways_are_one_user() -> None:
     p = state()
-    assert connect(p, "g1", "c1", "alice", T0, "lobby") == [online("alice"),
-                                                            joined("lobby", "alice")]
+    assert connect(p, "g1", "c1", "alice", T0, "lobby") == [
+        online("alice"),
+        joined("lobby", "alice"),
+    ]
     assert connect(p, "g2", "c9", "alice", T0 + 1, "lobby") == []
     assert p.socket_count("alice") == 2
     assert p.room_members("lobby") == [RoomMember("alice", "Alice", 2)]
-    assert p.disconnect("g1", "c1", T0 + 2) == []          # closing one tab: nothing
+    assert p.disconnect("g1", "c1", T0 + 2) == []  # closing one tab: nothing
     assert p.tick(T0 + 10) == []
     assert p.room_members("lobby") == [RoomMember("alice", "Alice", 1)]
-    assert p.disconnect("g2", "c9", T0 + 11) == []         # the last: only after grace
+    assert p.disconnect("g2", "c9", T0 + 11) == []  # the last: only after grace
     assert p.tick(T0 + 15.9) == []
     assert p.is_online("alice") and p.rooms_of("alice") == {"lobby"}
     assert p.room_members("lobby") == [RoomMember("alice", "Alice", 0)]
@@ -129,7 +132,7 @@ def test_grace_restarts_from_the_last_drop() -> None:
     p.disconnect("g1", "c1", T0)
     connect(p, "g1", "c2", "fay", T0 + 3)
     p.disconnect("g1", "c2", T0 + 4)
-    assert p.tick(T0 + 5) == []              # the first deadline no longer counts
+    assert p.tick(T0 + 5) == []  # the first deadline no longer counts
     assert p.tick(T0 + 9) == [offline("fay")]
 
 
@@ -158,7 +161,7 @@ def test_dead_gateway_reported_within_three_heartbeats_plus_grace() -> None:
     for i in range(50):
         connect(p, "doomed", f"c{i}", f"u{i}", T0, "lobby", f"room{i % 7}")
     connect(p, "survivor", "s1", "sam", T0, "lobby")
-    connect(p, "survivor", "s2", "u0", T0, "room0")   # u0 also has a tab elsewhere
+    connect(p, "survivor", "s2", "u0", T0, "room0")  # u0 also has a tab elsewhere
     last_beat = T0
     for g in ("doomed", "survivor"):
         assert p.heartbeat(g, digest_of(p.gateway_connections(g)), last_beat) == ([], False)
@@ -167,7 +170,7 @@ def test_dead_gateway_reported_within_three_heartbeats_plus_grace() -> None:
         now += 0.5
         p.heartbeat("survivor", digest_of(p.gateway_connections("survivor")), now)
         events += p.tick(now)
-    assert now <= last_beat + 3 * 5 + 5 + 0.5       # 3 heartbeats + grace (+ one tick)
+    assert now <= last_beat + 3 * 5 + 5 + 0.5  # 3 heartbeats + grace (+ one tick)
     events += p.tick(now + 1)
     offline_users = {e.user for e in events if isinstance(e, UserOffline)}
     assert offline_users == {f"u{i}" for i in range(1, 50)}
@@ -200,7 +203,7 @@ def test_gateway_back_from_the_dead_must_resync_and_is_silent_within_grace() -> 
     p = state(grace_seconds=5, heartbeat_seconds=1, missed_heartbeats=3)
     connect(p, "g", "c1", "jo", T0, "r")
     connect(p, "g", "c2", "kim", T0, "r")
-    assert p.tick(T0 + 3.5) == []           # declared dead; grace starts now
+    assert p.tick(T0 + 3.5) == []  # declared dead; grace starts now
     assert not p.gateway_alive("g")
     full = {"c1": ("jo", "Jo", ["r"]), "c2": ("kim", "Kim", ["r"])}
     # Even a matching digest must not spare the sync: our table is empty.
@@ -212,14 +215,14 @@ def test_gateway_back_from_the_dead_must_resync_and_is_silent_within_grace() -> 
     full["c3"] = ("lee", "Lee", [])
     assert p.sync("g", full, T0 + 5) == [online("lee")]
     assert p.heartbeat("g", digest_of(full), T0 + 9) == ([], False)
-    assert p.tick(T0 + 10) == []            # past the grace that began at death
+    assert p.tick(T0 + 10) == []  # past the grace that began at death
     assert p.gateway_alive("g") and p.socket_count("jo") == 1
 
 
 def test_gateway_restarted_under_the_same_id_is_caught_by_the_digest() -> None:
     p = state(grace_seconds=5)
     connect(p, "g", "c1", "max", T0, "r")
-    _, needs_sync = p.heartbeat("g", digest_of({}), T0 + 1)   # a fresh, empty process
+    _, needs_sync = p.heartbeat("g", digest_of({}), T0 + 1)  # a fresh, empty process
     assert needs_sync
     assert p.sync("g", {}, T0 + 1) == []
     assert p.tick(T0 + 6) == [left("r", "max"), offline("max")]
@@ -246,24 +249,30 @@ def test_sync_emits_only_real_changes() -> None:
     connect(p, "g", "c1", "ann", T0, "r1", "r2")
     connect(p, "g", "c2", "ann", T0, "r3")
     connect(p, "g", "c3", "ben", T0, "r1")
-    same = {"c1": ("ann", "Ann", ["r1", "r2"]), "c2": ("ann", "Ann", ["r3"]),
-            "c3": ("ben", "Ben", ["r1"])}
+    same = {
+        "c1": ("ann", "Ann", ["r1", "r2"]),
+        "c2": ("ann", "Ann", ["r3"]),
+        "c3": ("ben", "Ben", ["r1"]),
+    }
     assert p.sync("g", same, T0 + 1) == []
     # ann moved c1 -> c4 and r3 moved from c2 to c4: nothing changed for anyone,
     # even though a naive removal-first pass would see ann leave r3 (no grace).
-    moved = {"c4": ("ann", "Ann", ["r1", "r2", "r3"]), "c2": ("ann", "Ann", []),
-             "c3": ("ben", "Ben", ["r1"])}
+    moved = {
+        "c4": ("ann", "Ann", ["r1", "r2", "r3"]),
+        "c2": ("ann", "Ann", []),
+        "c3": ("ben", "Ben", ["r1"]),
+    }
     assert p.sync("g", moved, T0 + 2) == []
     assert p.tick(T0 + 10) == []
     # A new user; a room dropped by a surviving connection (a missed leave: at
     # once); a connection gone (a missed disconnect: with grace).
     changed = {"c4": ("ann", "Ann", ["r1", "r2"]), "c5": ("cy", "Cy", ["r9"])}
-    assert p.sync("g", changed, T0 + 11) == [online("cy"), joined("r9", "cy"),
-                                             left("r3", "ann")]
+    assert p.sync("g", changed, T0 + 11) == [online("cy"), joined("r9", "cy"), left("r3", "ann")]
     assert p.tick(T0 + 16) == [left("r1", "ben"), offline("ben")]
     assert p.gateway_connections("g") == {
         "c4": ConnectionInfo("ann", "Ann", frozenset({"r1", "r2"})),
-        "c5": ConnectionInfo("cy", "Cy", frozenset({"r9"}))}
+        "c5": ConnectionInfo("cy", "Cy", frozenset({"r9"})),
+    }
 
 
 def test_sync_with_zero_grace_does_not_flap_a_move() -> None:
@@ -276,7 +285,11 @@ def test_sync_replacing_a_reused_conn_id() -> None:
     p = state(grace_seconds=0)
     connect(p, "g", "c1", "eve", T0, "r")
     assert p.sync("g", {"c1": ("fox", "Fox", ["r"])}, T0) == [
-        online("fox"), joined("r", "fox"), left("r", "eve"), offline("eve")]
+        online("fox"),
+        joined("r", "fox"),
+        left("r", "eve"),
+        offline("eve"),
+    ]
 
 
 def test_sync_rejects_a_string_for_rooms() -> None:
@@ -292,15 +305,15 @@ def test_repeated_and_unknown_inputs_emit_nothing() -> None:
     p = state()
     connect(p, "g", "c1", "gil", T0, "r")
     before = p.snapshot(T0)
-    assert connect(p, "g", "c1", "gil", T0) == []      # duplicate connect
-    assert p.join("g", "c1", "r", T0) == []             # already joined
-    assert p.leave("g", "c1", "other", T0) == []        # not joined
-    assert p.disconnect("g", "nope", T0) == []          # unknown conn
+    assert connect(p, "g", "c1", "gil", T0) == []  # duplicate connect
+    assert p.join("g", "c1", "r", T0) == []  # already joined
+    assert p.leave("g", "c1", "other", T0) == []  # not joined
+    assert p.disconnect("g", "nope", T0) == []  # unknown conn
     assert p.join("g", "nope", "r", T0) == []
     assert p.leave("g", "nope", "r", T0) == []
     assert p.snapshot(T0) == before
     assert p.disconnect("g", "c1", T0) == []
-    assert p.disconnect("g", "c1", T0) == []            # twice
+    assert p.disconnect("g", "c1", T0) == []  # twice
 
 
 def test_repeated_connect_renames() -> None:
@@ -316,7 +329,10 @@ def test_reused_conn_id_for_another_user_replaces_it() -> None:
     p = state(grace_seconds=0)
     connect(p, "g", "c1", "ivy", T0, "r")
     assert p.connect("g", "c1", "jay", "Jay", T0) == [
-        left("r", "ivy"), offline("ivy"), online("jay")]
+        left("r", "ivy"),
+        offline("ivy"),
+        online("jay"),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -335,11 +351,13 @@ def test_digest_is_order_independent_and_sensitive() -> None:
     running.add_room("c1", "x")
     running.remove_room("c1", "z")
     assert running.value == digest_of(a)
-    for other in ({"c1": ("u", "U", ["x"]), "c2": ("v", "V", [])},
-                  {"c1": ("u", "U2", ["x", "y"]), "c2": ("v", "V", [])},
-                  {"c1": ("u", "U", ["x", "y"])},
-                  {"c1": ("u", "U", ["xy"]), "c2": ("v", "V", [])},
-                  {"c1": ("u", "U", ["x", "y"]), "c2": ("v", "V", ["\ud800"])}):
+    for other in (
+        {"c1": ("u", "U", ["x"]), "c2": ("v", "V", [])},
+        {"c1": ("u", "U2", ["x", "y"]), "c2": ("v", "V", [])},
+        {"c1": ("u", "U", ["x", "y"])},
+        {"c1": ("u", "U", ["xy"]), "c2": ("v", "V", [])},
+        {"c1": ("u", "U", ["x", "y"]), "c2": ("v", "V", ["\ud800"])},
+    ):
         assert digest_of(other) != digest_of(a)
     assert digest_of({}).startswith("0.")
 
@@ -347,7 +365,7 @@ def test_digest_is_order_independent_and_sensitive() -> None:
 def test_lost_event_is_noticed_at_the_next_heartbeat() -> None:
     p = state()
     connect(p, "g", "c1", "kai", T0)
-    truth = {"c1": ("kai", "Kai", ["r"])}               # the join never arrived
+    truth = {"c1": ("kai", "Kai", ["r"])}  # the join never arrived
     assert p.heartbeat("g", digest_of(truth), T0) == ([], True)
     assert p.sync("g", truth, T0) == [joined("r", "kai")]
     assert p.heartbeat("g", digest_of(truth), T0) == ([], False)
@@ -367,8 +385,10 @@ def test_queries() -> None:
     connect(p, "g", "c-amy2", "amy", T0, "big", "side")
     connect(p, "g", "c-lou2", "lou", T0, "other")
     assert [m.user for m in p.room_members("big")] == ["amy", "bo", "lou", "zed"]
-    assert p.room_members("big", limit=2) == [RoomMember("amy", "Amy", 2),
-                                              RoomMember("bo", "Bo", 1)]
+    assert p.room_members("big", limit=2) == [
+        RoomMember("amy", "Amy", 2),
+        RoomMember("bo", "Bo", 1),
+    ]
     assert [m.user for m in p.room_members("big", after="bo", limit=10)] == ["lou", "zed"]
     assert p.room_members("nowhere") == [] and p.room_count("big") == 4
     assert p.shares_room("amy", "zed") and not p.shares_room("amy", "nobody")
@@ -384,7 +404,7 @@ def test_snapshot_restore_continues_seamlessly() -> None:
     connect(p, "g1", "c1", "mia", T0, "r1", "r2")
     connect(p, "g1", "c2", "ned", T0, "r1")
     connect(p, "g2", "c3", "oli", T0, "r2")
-    p.disconnect("g1", "c2", T0 + 1)                    # ned in grace until T0+6
+    p.disconnect("g1", "c2", T0 + 1)  # ned in grace until T0+6
     p.leave("g1", "c1", "r2", T0 + 1)
     p.tick(T0 + 2)
     data = json.loads(json.dumps(p.snapshot(T0 + 2)))
@@ -413,9 +433,9 @@ def test_rebase_moves_deadlines_to_another_clock() -> None:
     p = state(grace_seconds=5)
     connect(p, "g1", "c1", "pia", T0, "r1")
     connect(p, "g1", "c2", "quin", T0, "r1")
-    p.disconnect("g1", "c2", T0 + 1)          # quin in grace until T0+6
+    p.disconnect("g1", "c2", T0 + 1)  # quin in grace until T0+6
     assert not p.tick_due(T0 + 5.9) and p.tick_due(T0 + 6)
-    p.rebase(1000.0, T0 + 2)                  # T0+2 on the old clock is 1000 on the new
+    p.rebase(1000.0, T0 + 2)  # T0+2 on the old clock is 1000 on the new
     assert not p.tick_due(1003.9)
     assert p.tick(1003.9) == []
     assert p.tick(1004) == [left("r1", "quin"), offline("quin")]
@@ -426,8 +446,12 @@ def test_rebase_moves_deadlines_to_another_clock() -> None:
 
 def test_config_validation() -> None:
     assert PresenceConfig().dead_after == 15
-    for bad in ({"grace_seconds": -1}, {"heartbeat_seconds": 0},
-                {"missed_heartbeats": 0}, {"grace_seconds": float("nan")}):
+    for bad in (
+        {"grace_seconds": -1},
+        {"heartbeat_seconds": 0},
+        {"missed_heartbeats": 0},
+        {"grace_seconds": float("nan")},
+    ):
         with pytest.raises(ValueError):
             PresenceConfig(**bad)
 
@@ -462,9 +486,25 @@ ROOMS = ("r1", "r2", "r3")
 STEPS = (0.5, 1.0, 2.5, 4.0, 5.0, 6.0, 16.0, 30.0)
 # Kinds of step, the everyday ones listed several times: interleavings are only
 # interesting with connections and rooms about. Shrinking goes towards the left.
-KINDS = (("connect",) * 4 + ("join",) * 6 + ("leave",) * 3 + ("disconnect",) * 3
-         + ("advance",) * 4 + ("redeliver", "ghost", "crash", "restart", "cut", "heal",
-                               "heartbeat", "sync", "failover", "settle"))
+KINDS = (
+    ("connect",) * 4
+    + ("join",) * 6
+    + ("leave",) * 3
+    + ("disconnect",) * 3
+    + ("advance",) * 4
+    + (
+        "redeliver",
+        "ghost",
+        "crash",
+        "restart",
+        "cut",
+        "heal",
+        "heartbeat",
+        "sync",
+        "failover",
+        "settle",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,10 +512,10 @@ class Op:
     kind: str
     gateway: str = "g1"
     user: str = "u1"
-    pick: int = 0          # which of the gateway's connections, modulo their number
+    pick: int = 0  # which of the gateway's connections, modulo their number
     room: str = "r1"
     dt: float = 0.0
-    beat: bool = False     # advance: do the gateways heartbeat meanwhile?
+    beat: bool = False  # advance: do the gateways heartbeat meanwhile?
 
 
 @st.composite
@@ -499,7 +539,7 @@ def step_op(draw: st.DrawFn) -> Op:
 
 OPS = step_op()
 
-Table = dict[str, tuple[str, frozenset[str]]]   # conn -> (user, rooms)
+Table = dict[str, tuple[str, frozenset[str]]]  # conn -> (user, rooms)
 
 
 def full(table: Table) -> dict[str, tuple[str, str, frozenset[str]]]:
@@ -512,8 +552,7 @@ class Harness:
     sm: PresenceState
     now: float = T0
     # The world: each gateway's true connections.
-    world: dict[str, Table] = dataclasses.field(
-        default_factory=lambda: {g: {} for g in GATEWAYS})
+    world: dict[str, Table] = dataclasses.field(default_factory=lambda: {g: {} for g in GATEWAYS})
     up: set[str] = dataclasses.field(default_factory=lambda: set(GATEWAYS))
     cut_off: set[str] = dataclasses.field(default_factory=set)
     next_id: int = 0
@@ -547,8 +586,12 @@ class Harness:
         self.last_seen[g] = max(self.last_seen.get(g, self.now), self.now)
         return True
 
-    def step(self, cause: str, call: Callable[[], list[PresenceEvent]],
-             update_model: Callable[[], object]) -> list[PresenceEvent]:
+    def step(
+        self,
+        cause: str,
+        call: Callable[[], list[PresenceEvent]],
+        update_model: Callable[[], object],
+    ) -> list[PresenceEvent]:
         before_users, before_rooms = self.live()
         events = call()
         update_model()
@@ -565,8 +608,9 @@ class Harness:
         self.check(users, rooms)
         return events
 
-    def observe(self, cause: str, events: list[PresenceEvent], users: set[str],
-                rooms: set[tuple[str, str]]) -> None:
+    def observe(
+        self, cause: str, events: list[PresenceEvent], users: set[str], rooms: set[tuple[str, str]]
+    ) -> None:
         grace = self.config.grace_seconds
         for e in events:
             if isinstance(e, UserOnline):
@@ -587,9 +631,10 @@ class Harness:
             else:
                 assert (e.room, e.user) in self.rooms, f"left twice: {e}"
                 assert (e.room, e.user) not in rooms
-                if cause not in ("leave", "sync"):   # the two that may skip grace
-                    assert self.gone_room[(e.room, e.user)] + grace <= self.now, \
+                if cause not in ("leave", "sync"):  # the two that may skip grace
+                    assert self.gone_room[(e.room, e.user)] + grace <= self.now, (
                         f"before grace: {e}"
+                    )
                 self.rooms.discard((e.room, e.user))
 
     def check(self, users: set[str], rooms: set[tuple[str, str]]) -> None:
@@ -618,10 +663,14 @@ class Harness:
         for room in ROOMS:
             assert sm.room_members(room) == [
                 RoomMember(u, u.upper(), in_room.get((room, u), 0))
-                for u in sorted(u for r, u in self.rooms if r == room)]
+                for u in sorted(u for r, u in self.rooms if r == room)
+            ]
         assert sm.counters() == PresenceCounters(
-            len(self.online), sum(sockets.values()), len({r for r, _ in self.rooms}),
-            len(self.known.keys() - self.dead))
+            len(self.online),
+            sum(sockets.values()),
+            len({r for r, _ in self.rooms}),
+            len(self.known.keys() - self.dead),
+        )
 
     # -- the world -----------------------------------------------------------
 
@@ -696,8 +745,14 @@ class Harness:
             self.deliver(op, conn)
         elif op.kind == "ghost":
             if self.reachable(g):
-                assert self.step("disconnect", lambda: self.sm.disconnect(g, "never", self.now),
-                                 lambda: self.heard(g)) == []
+                assert (
+                    self.step(
+                        "disconnect",
+                        lambda: self.sm.disconnect(g, "never", self.now),
+                        lambda: self.heard(g),
+                    )
+                    == []
+                )
         elif op.kind == "crash":
             self.up.discard(g)
             self.world[g] = {}
@@ -735,9 +790,11 @@ class Harness:
             # A duplicate connect: a no-op if the broker knew the connection; if
             # the original was lost, it is the first the broker hears of it.
             duplicate = g not in self.dead and conn in self.known.get(g, {})
-            events = self.step("connect", lambda: sm.connect(g, conn, user, user.upper(),
-                                                             self.now),
-                               lambda: self.apply(g, conn, user, "connect", ""))
+            events = self.step(
+                "connect",
+                lambda: sm.connect(g, conn, user, user.upper(), self.now),
+                lambda: self.apply(g, conn, user, "connect", ""),
+            )
             assert not (duplicate and events)
             return
         calls: dict[str, Callable[[], list[PresenceEvent]]] = {
@@ -748,8 +805,9 @@ class Harness:
         }
         table = self.known.get(g, {})
         took = g not in self.dead and conn in table and op.room in table[conn][1]
-        events = self.step(op.kind, calls[op.kind],
-                           lambda: self.apply(g, conn, user, op.kind, op.room))
+        events = self.step(
+            op.kind, calls[op.kind], lambda: self.apply(g, conn, user, op.kind, op.room)
+        )
         if op.kind == "leave" and took and (op.room, user) not in self.live()[1]:
             # An explicit leave is announced at once, never held in grace.
             assert (op.room, user) not in self.rooms
@@ -764,24 +822,28 @@ class Harness:
             known.setdefault(conn, (user, frozenset()))
         elif kind == "disconnect":
             known.pop(conn, None)
-        elif conn in known:   # a join or leave of a connection it never heard of is lost
+        elif conn in known:  # a join or leave of a connection it never heard of is lost
             rooms = known[conn][1]
             known[conn] = (user, rooms | {room} if kind == "join" else rooms - {room})
 
     def failover(self) -> None:
         data = json.loads(json.dumps(self.sm.snapshot(self.now)))
         self.sm = PresenceState.restore(data, self.now, self.config)
-        self.sm.rebase(self.now, self.now)   # another process: fresh liveness
+        self.sm.rebase(self.now, self.now)  # another process: fresh liveness
         for g in self.last_seen:
-            self.last_seen[g] = self.now     # a fresh liveness period for everyone
+            self.last_seen[g] = self.now  # a fresh liveness period for everyone
         self.check(*self.live())
 
     def settle(self) -> None:
         """Heal everything, keep live gateways beating while death and grace run
         out, then the observer must see exactly the world."""
         self.cut_off.clear()
-        rounds = int((self.config.dead_after + self.config.grace_seconds)
-                     / self.config.heartbeat_seconds) + 3
+        rounds = (
+            int(
+                (self.config.dead_after + self.config.grace_seconds) / self.config.heartbeat_seconds
+            )
+            + 3
+        )
         for _ in range(rounds):
             for g in GATEWAYS:
                 self.heartbeat(g)
@@ -790,18 +852,25 @@ class Harness:
         for g in GATEWAYS:
             self.heartbeat(g)
         truth_users = {user for g in self.up for user, _ in self.world[g].values()}
-        truth_rooms = {(room, user) for g in self.up
-                       for user, rooms in self.world[g].values() for room in rooms}
+        truth_rooms = {
+            (room, user)
+            for g in self.up
+            for user, rooms in self.world[g].values()
+            for room in rooms
+        }
         assert self.online.keys() == truth_users
         assert self.rooms == truth_rooms
         for u in USERS:
             assert self.sm.socket_count(u) == sum(
-                1 for g in self.up for user, _ in self.world[g].values() if user == u)
+                1 for g in self.up for user, _ in self.world[g].values() if user == u
+            )
 
 
-_TABLES = st.dictionaries(st.sampled_from([f"c{i}" for i in range(6)]),
-                          st.tuples(st.sampled_from(USERS),
-                                    st.frozensets(st.sampled_from(ROOMS))), max_size=6)
+_TABLES = st.dictionaries(
+    st.sampled_from([f"c{i}" for i in range(6)]),
+    st.tuples(st.sampled_from(USERS), st.frozensets(st.sampled_from(ROOMS))),
+    max_size=6,
+)
 
 
 def aggregate(*tables: Table) -> set[tuple[str, str, str]]:
@@ -855,8 +924,9 @@ def test_sync_emits_exactly_the_difference(other: Table, a: Table, b: Table) -> 
 @settings(max_examples=200, deadline=None)
 @given(ops=st.lists(OPS, min_size=10, max_size=80))
 def test_random_interleavings_match_the_model(grace: float, ops: list[Op]) -> None:
-    config = PresenceConfig(grace_seconds=grace, heartbeat_seconds=5, missed_heartbeats=3,
-                            tombstone_seconds=1e9)
+    config = PresenceConfig(
+        grace_seconds=grace, heartbeat_seconds=5, missed_heartbeats=3, tombstone_seconds=1e9
+    )
     h = Harness(config, PresenceState(config))
     for op in ops:
         h.run(op)

@@ -21,15 +21,22 @@ from gateway.presence import PresenceLink
 
 
 def test_changes_round_trip_and_carry_user_and_name() -> None:
-    changes = [presence_wire.Change("connect", "c1", "auth0|7", "Ann"),
-               presence_wire.Change("join", "c1", "auth0|7", "Ann", "room.1"),
-               presence_wire.Change("leave", "c1", "auth0|7", "Ann", "room.1"),
-               presence_wire.Change("disconnect", "c1", "auth0|7", "Ann")]
+    changes = [
+        presence_wire.Change("connect", "c1", "auth0|7", "Ann"),
+        presence_wire.Change("join", "c1", "auth0|7", "Ann", "room.1"),
+        presence_wire.Change("leave", "c1", "auth0|7", "Ann", "room.1"),
+        presence_wire.Change("disconnect", "c1", "auth0|7", "Ann"),
+    ]
     raw = presence_wire.encode_changes("gw-1", changes)
     obj = presence_wire.parse(raw)
     assert obj["gateway"] == "gw-1"
-    assert obj["events"][1] == {"type": "join", "conn": "c1", "userId": "auth0|7",
-                                "username": "Ann", "roomId": "room.1"}
+    assert obj["events"][1] == {
+        "type": "join",
+        "conn": "c1",
+        "userId": "auth0|7",
+        "username": "Ann",
+        "roomId": "room.1",
+    }
     assert presence_wire.decode("events", obj) == changes
 
 
@@ -52,16 +59,19 @@ def test_a_large_sync_is_cut_into_parts_below_the_payload_limit() -> None:
     assert isinstance(part, presence_wire.SyncPart) and part.connections == {}
 
 
-@pytest.mark.parametrize("kind, obj", [
-    ("events", {"events": [{"type": "explode", "conn": "c", "userId": "u", "username": ""}]}),
-    ("events", {"events": [{"type": "join", "conn": "c", "userId": "u", "username": "n"}]}),
-    ("events", {"events": "nope"}),
-    ("heartbeat", {"digest": 5}),
-    ("sync", {"syncId": "s", "part": 2, "parts": 2, "connections": []}),
-    ("sync", {"syncId": "s", "part": 0, "parts": 1, "connections": [["c", "u", "n"]]}),
-    ("teleport", {}),
-    ("events", ["not", "an", "object"]),
-])
+@pytest.mark.parametrize(
+    "kind, obj",
+    [
+        ("events", {"events": [{"type": "explode", "conn": "c", "userId": "u", "username": ""}]}),
+        ("events", {"events": [{"type": "join", "conn": "c", "userId": "u", "username": "n"}]}),
+        ("events", {"events": "nope"}),
+        ("heartbeat", {"digest": 5}),
+        ("sync", {"syncId": "s", "part": 2, "parts": 2, "connections": []}),
+        ("sync", {"syncId": "s", "part": 0, "parts": 1, "connections": [["c", "u", "n"]]}),
+        ("teleport", {}),
+        ("events", ["not", "an", "object"]),
+    ],
+)
 def test_malformed_reports_are_refused(kind: str, obj: Any) -> None:
     with pytest.raises(presence_wire.WireError):
         presence_wire.decode(kind, obj)
@@ -71,18 +81,28 @@ def test_malformed_reports_are_refused(kind: str, obj: Any) -> None:
 
 def test_event_frames_are_what_clients_receive() -> None:
     assert presence_wire.event_frame(UserOnline("u", "U", 2)) == {
-        "type": "user:online", "data": {"userId": "u", "username": "U", "socketCount": 2}}
+        "type": "user:online",
+        "data": {"userId": "u", "username": "U", "socketCount": 2},
+    }
     assert presence_wire.event_frame(UserOffline("u", "U")) == {
-        "type": "user:offline", "data": {"userId": "u", "username": "U"}}
+        "type": "user:offline",
+        "data": {"userId": "u", "username": "U"},
+    }
     assert presence_wire.event_frame(RoomUserJoined("r", "u", "U")) == {
-        "type": "room:user_joined", "data": {"roomId": "r", "userId": "u", "username": "U"}}
+        "type": "room:user_joined",
+        "data": {"roomId": "r", "userId": "u", "username": "U"},
+    }
 
 
 def test_journal_entries_embed_the_report_as_received() -> None:
     report = presence_wire.encode_heartbeat("gw", "d" * 10, 3, 5.0)
     entry = json.loads(presence_journal.encode(12.5, "heartbeat", "gw", report))
-    assert entry == {"now": 12.5, "kind": "heartbeat", "gateway": "gw",
-                     "report": json.loads(report)}
+    assert entry == {
+        "now": 12.5,
+        "kind": "heartbeat",
+        "gateway": "gw",
+        "report": json.loads(report),
+    }
     assert json.loads(presence_journal.encode(1.0, "tick", ""))["report"] is None
 
 
@@ -97,8 +117,9 @@ class _FakeClient:
 
 async def test_gateway_digest_matches_the_state_it_would_sync() -> None:
     clients: dict[str, _FakeClient] = {}
-    link = PresenceLink("gw", PresenceSettings(), 1.0, Background(), lambda *_: None,
-                        lambda: clients.values())  # type: ignore[arg-type, return-value]
+    link = PresenceLink(
+        "gw", PresenceSettings(), 1.0, Background(), lambda *_: None, lambda: clients.values()
+    )  # type: ignore[arg-type, return-value]
 
     def connect(conn: str, user: str, name: str) -> _FakeClient:
         c = clients[conn] = _FakeClient(conn, user, name)
@@ -124,6 +145,14 @@ async def test_gateway_digest_matches_the_state_it_would_sync() -> None:
     state = {k: (v.identity.user_id, v.identity.username, v.rooms) for k, v in clients.items()}
     assert link._digest.value == digest_of(state)
     assert [ch.kind for ch in link._queue] == [
-        "connect", "connect", "join", "join", "connect", "leave", "connect", "join",
-        "disconnect"]
+        "connect",
+        "connect",
+        "join",
+        "join",
+        "connect",
+        "leave",
+        "connect",
+        "join",
+        "disconnect",
+    ]
     assert link._queue[-1] == presence_wire.Change("disconnect", "c3", "carol", "Carol")

@@ -56,9 +56,26 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 def test_token_command_mints_a_verifiable_token() -> None:
     env = env_without_rtgate({"RTGATE_AUTH__SECRET": "s" * 32})
     out = subprocess.run(
-        [*RTGATE, "token", "--user", "alice", "--name", "Alice", "--ttl", "2h",
-         "--rooms", "lobby,team-*", "--publish", "", "--admin"],
-        env=env, capture_output=True, text=True, check=True, timeout=30,
+        [
+            *RTGATE,
+            "token",
+            "--user",
+            "alice",
+            "--name",
+            "Alice",
+            "--ttl",
+            "2h",
+            "--rooms",
+            "lobby,team-*",
+            "--publish",
+            "",
+            "--admin",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout.strip()
     claims = jwt.decode(out, "s" * 32, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["name"] == "Alice" and claims["admin"] is True
@@ -68,8 +85,9 @@ def test_token_command_mints_a_verifiable_token() -> None:
 
 def test_config_error_stops_start_up_naming_the_key() -> None:
     env = env_without_rtgate({"RTGATE_LIMITS__MAX_ROOMZ": "3"})
-    result = subprocess.run([*RTGATE, "gateway"], env=env, capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [*RTGATE, "gateway"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "limits.max_roomz" in result.stderr
 
@@ -78,11 +96,16 @@ def test_gateway_and_broker_processes_serve_and_stop_cleanly(
     tmp_path: Path, nats_server: NatsServer, procs: list[subprocess.Popen[str]]
 ) -> None:
     gw_port, br_port = free_port(), free_port()
-    env = env_without_rtgate({
-        "RTGATE_NATS__URLS": nats_server.url, "RTGATE_SERVER__PORT": str(gw_port),
-        "RTGATE_SERVER__ID": "proc-gw", "RTGATE_BROKER__PORT": str(br_port),
-        "RTGATE_AUTH__SECRET": "p" * 32, "RTGATE_LOG__FORMAT": "json",
-    })
+    env = env_without_rtgate(
+        {
+            "RTGATE_NATS__URLS": nats_server.url,
+            "RTGATE_SERVER__PORT": str(gw_port),
+            "RTGATE_SERVER__ID": "proc-gw",
+            "RTGATE_BROKER__PORT": str(br_port),
+            "RTGATE_AUTH__SECRET": "p" * 32,
+            "RTGATE_LOG__FORMAT": "json",
+        }
+    )
     gateway = subprocess.Popen([*RTGATE, "gateway"], env=env, stderr=subprocess.PIPE, text=True)
     broker = subprocess.Popen([*RTGATE, "broker"], env=env, stderr=subprocess.PIPE, text=True)
     procs.extend([gateway, broker])
@@ -124,14 +147,26 @@ def test_gateway_and_broker_processes_serve_and_stop_cleanly(
     assert any(entry["event"] == "broker stopped" for entry in lines)
 
 
-def test_rtgate_dev_runs_the_whole_system(tmp_path: Path,
-                                          procs: list[subprocess.Popen[str]]) -> None:
+def test_rtgate_dev_runs_the_whole_system(
+    tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     port, broker_port = free_port(), free_port()
     dev = subprocess.Popen(
-        [*RTGATE, "dev", "--state-dir", str(tmp_path / "state"), "--port", str(port),
-         "--broker-port", str(broker_port)],
-        env=env_without_rtgate({}), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, start_new_session=True,
+        [
+            *RTGATE,
+            "dev",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            str(port),
+            "--broker-port",
+            str(broker_port),
+        ],
+        env=env_without_rtgate({}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     procs.append(dev)
     assert dev.stdout is not None
@@ -159,8 +194,15 @@ def test_rtgate_dev_runs_the_whole_system(tmp_path: Path,
             assert json.loads(await ws.recv())["type"] == "welcome"
             await ws.send(json.dumps({"type": "room:join", "id": 1, "data": "lobby"}))
             assert json.loads(await ws.recv())["ok"] is True
-            await ws.send(json.dumps({"type": "chat:message", "id": 2,
-                                      "data": {"roomId": "lobby", "content": "hello"}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "chat:message",
+                        "id": 2,
+                        "data": {"roomId": "lobby", "content": "hello"},
+                    }
+                )
+            )
             frames = [json.loads(await ws.recv()) for _ in range(2)]
             return next(f for f in frames if f["type"] == "ack")
 

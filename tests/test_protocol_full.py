@@ -17,11 +17,15 @@ async def test_direct_messages_reach_every_connection_of_the_user_once(
     gw1 = await make_gateway("gw1")
     gw2 = await make_gateway("gw2")
     alice = await connect(gw1, "alice", name="Alice")
-    bob_tabs = [await connect(gw1, "bob"), await connect(gw2, "bob"),
-                await connect(gw2, "bob", msgpack_=True)]
+    bob_tabs = [
+        await connect(gw1, "bob"),
+        await connect(gw2, "bob"),
+        await connect(gw2, "bob", msgpack_=True),
+    ]
     carol = await connect(gw2, "carol")
-    ack = await alice.ok("direct:message", {"toUserId": "bob", "content": "psst",
-                                            "clientId": "d-1"})
+    ack = await alice.ok(
+        "direct:message", {"toUserId": "bob", "content": "psst", "clientId": "d-1"}
+    )
     message = ack["message"]
     assert message["fromUserId"] == "alice" and message["toUserId"] == "bob"
     assert message["offset"] == 1 and message["fromUsername"] == "Alice"
@@ -30,10 +34,11 @@ async def test_direct_messages_reach_every_connection_of_the_user_once(
         assert got["id"] == message["id"] and got["content"] == "psst"
         assert got["prevOffset"] == 0 and got["epoch"] == message["epoch"]
     # Retried with the same clientId: the original, not a copy.
-    again = (await alice.ok("direct:message", {"toUserId": "bob", "content": "psst",
-                                               "clientId": "d-1"}))["message"]
+    again = (
+        await alice.ok("direct:message", {"toUserId": "bob", "content": "psst", "clientId": "d-1"})
+    )["message"]
     assert again["id"] == message["id"]
-    second = (await alice.ok("direct:message", {"toUserId": "bob", "content": "two"}))
+    second = await alice.ok("direct:message", {"toUserId": "bob", "content": "two"})
     for tab in bob_tabs:
         got = (await tab.next("direct:message"))["data"]
         assert got["content"] == "two" and got["prevOffset"] == message["offset"]
@@ -49,8 +54,11 @@ async def test_global_broadcast_admin_only_reaches_everyone(
     gw1 = await make_gateway("gw1")
     gw2 = await make_gateway("gw2")
     admin = await connect(gw1, "root", admin=True)
-    others = [await connect(gw1, "a"), await connect(gw2, "b"),
-              await connect(gw2, "c", msgpack_=True)]
+    others = [
+        await connect(gw1, "a"),
+        await connect(gw2, "b"),
+        await connect(gw2, "c", msgpack_=True),
+    ]
     assert await others[0].error("broadcast:global", {"content": "hi"}) == "forbidden"
     ack = await admin.ok("broadcast:global", {"content": "maintenance at 5", "clientId": "g1"})
     message = ack["message"]
@@ -64,65 +72,90 @@ async def test_global_broadcast_admin_only_reaches_everyone(
     assert others[1].take("global:message") == []
 
 
-async def test_room_events_durable_and_ephemeral(gateway: Gateway,
-                                                 connect: ClientFactory) -> None:
+async def test_room_events_durable_and_ephemeral(gateway: Gateway, connect: ClientFactory) -> None:
     a = await connect(gateway, "alice")
     b = await connect(gateway, "bob")
     for c in (a, b):
         await c.ok("room:join", "doc-1")
     chat = (await a.ok("chat:message", {"roomId": "doc-1", "content": "x"}))["message"]
-    durable = await a.ok("room:event", {"roomId": "doc-1", "event": "cursor:move",
-                                        "data": {"x": 1, "y": [2]}, "durable": True,
-                                        "clientId": "e-1"})
+    durable = await a.ok(
+        "room:event",
+        {
+            "roomId": "doc-1",
+            "event": "cursor:move",
+            "data": {"x": 1, "y": [2]},
+            "durable": True,
+            "clientId": "e-1",
+        },
+    )
     assert durable["offset"] == chat["offset"] + 1 and durable["epoch"] == chat["epoch"]
     for c in (a, b):  # durable events reach the sender too, in the room's chain
         got = (await c.next("room:event"))["data"]
         assert got["event"] == "cursor:move" and got["data"] == {"x": 1, "y": [2]}
         assert got["prevOffset"] == chat["offset"] and got["userId"] == "alice"
-    dup = await a.ok("room:event", {"roomId": "doc-1", "event": "cursor:move", "data": 1,
-                                    "durable": True, "clientId": "e-1"})
+    dup = await a.ok(
+        "room:event",
+        {"roomId": "doc-1", "event": "cursor:move", "data": 1, "durable": True, "clientId": "e-1"},
+    )
     assert dup["offset"] == durable["offset"]
-    assert (await a.ok("room:event", {"roomId": "doc-1", "event": "ping_1", "data": None})
-            ) is None
+    assert (await a.ok("room:event", {"roomId": "doc-1", "event": "ping_1", "data": None})) is None
     got = (await b.next("room:event"))["data"]
     assert got["event"] == "ping_1" and "offset" not in got
     await a.ok("ping")
     assert a.take("room:event") == []  # ephemeral skips the sender
-    assert await a.error("room:event", {"roomId": "doc-1", "event": "Bad Name", "data": 1}
-                         ) == "bad_request"
-    assert await a.error("room:event", {"roomId": "nope", "event": "x", "data": 1}
-                         ) == "forbidden"
+    assert (
+        await a.error("room:event", {"roomId": "doc-1", "event": "Bad Name", "data": 1})
+        == "bad_request"
+    )
+    assert await a.error("room:event", {"roomId": "nope", "event": "x", "data": 1}) == "forbidden"
 
 
-async def test_binary_event_data_from_msgpack_is_refused(gateway: Gateway,
-                                                         connect: ClientFactory) -> None:
+async def test_binary_event_data_from_msgpack_is_refused(
+    gateway: Gateway, connect: ClientFactory
+) -> None:
     a = await connect(gateway, "alice", msgpack_=True)
     await a.ok("room:join", "r")
-    assert await a.error("room:event", {"roomId": "r", "event": "blob", "data": b"\x00\x01",
-                                        "durable": True}) == "bad_request"
-    assert await a.error("room:event", {"roomId": "r", "event": "blob", "data": b"\x00"}
-                         ) == "bad_request"  # ephemeral events are checked the same way
+    assert (
+        await a.error(
+            "room:event", {"roomId": "r", "event": "blob", "data": b"\x00\x01", "durable": True}
+        )
+        == "bad_request"
+    )
+    assert (
+        await a.error("room:event", {"roomId": "r", "event": "blob", "data": b"\x00"})
+        == "bad_request"
+    )  # ephemeral events are checked the same way
     await a.ok("room:event", {"roomId": "r", "event": "ok", "data": {"n": 1}, "durable": True})
     assert msgpack.packb(1)  # msgpack clients still send everything JSON can carry
 
 
-async def test_batches_both_shapes_cap_nesting_and_rate(make_gateway: GatewayFactory,
-                                                        connect: ClientFactory) -> None:
+async def test_batches_both_shapes_cap_nesting_and_rate(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(limits={"rate_per_second": 0.1, "rate_burst": 6})
     a = await connect(gw, "alice")
-    ack = await a.ok("batch", [
-        {"type": "room:join", "id": 101, "data": "lobby"},
-        {"type": "chat:message", "id": 102, "data": {"roomId": "lobby", "content": "1"}},
-        {"type": "batch", "id": 103, "data": []},
-    ])
+    ack = await a.ok(
+        "batch",
+        [
+            {"type": "room:join", "id": 101, "data": "lobby"},
+            {"type": "chat:message", "id": 102, "data": {"roomId": "lobby", "content": "1"}},
+            {"type": "batch", "id": 103, "data": []},
+        ],
+    )
     assert ack == {"count": 3}
     acks = {f["id"]: f for f in [await a.next("ack") for _ in range(3)]}
     assert acks[101]["ok"] and acks[102]["ok"]
     assert acks[103]["error"]["code"] == "bad_request"  # no nesting
     # The tutorial's shape: {messages: [{event, data}]}.
-    await a.ok("batch", {"messages": [{"event": "chat:typing",
-                                       "data": {"roomId": "lobby", "isTyping": True}},
-                                      {"event": "ping", "data": "p", "id": 104}]})
+    await a.ok(
+        "batch",
+        {
+            "messages": [
+                {"event": "chat:typing", "data": {"roomId": "lobby", "isTyping": True}},
+                {"event": "ping", "data": "p", "id": 104},
+            ]
+        },
+    )
     assert (await a.next("ack"))["id"] == 104
     # Six tokens: the three and two inner frames above spent five, so one more
     # inner frame passes and the next is refused as if sent alone.
@@ -134,8 +167,7 @@ async def test_batches_both_shapes_cap_nesting_and_rate(make_gateway: GatewayFac
     assert await b.error("batch", [{"type": "ping"}] * 51) == "limit_exceeded"
 
 
-async def test_token_refresh_extends_and_narrows(gateway: Gateway,
-                                                 connect: ClientFactory) -> None:
+async def test_token_refresh_extends_and_narrows(gateway: Gateway, connect: ClientFactory) -> None:
     a = await connect(gateway, "alice", ttl_seconds=2, rooms=["a-*", "b-*"])
     await a.ok("room:join", "a-1")
     await a.ok("room:join", "b-1")
@@ -151,8 +183,9 @@ async def test_token_refresh_extends_and_narrows(gateway: Gateway,
     assert a.take("welcome") == []
 
 
-async def test_auth_expiring_arrives_before_expiry(make_gateway: GatewayFactory,
-                                                   connect: ClientFactory) -> None:
+async def test_auth_expiring_arrives_before_expiry(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(auth={"expiring_notice_seconds": 1.0})
     a = await connect(gw, "alice", ttl_seconds=2)
     notice = await a.next("auth:expiring", timeout=3)
@@ -162,8 +195,9 @@ async def test_auth_expiring_arrives_before_expiry(make_gateway: GatewayFactory,
     assert await a.wait_closed(timeout=3) == 4401
 
 
-async def test_sustained_excess_closes_1008(make_gateway: GatewayFactory,
-                                            connect: ClientFactory) -> None:
+async def test_sustained_excess_closes_1008(
+    make_gateway: GatewayFactory, connect: ClientFactory
+) -> None:
     gw = await make_gateway(limits={"rate_per_second": 1.0, "rate_burst": 1})
     a = await connect(gw, "alice")
     started = time.monotonic()

@@ -69,8 +69,7 @@ async def test_offsets_increase_and_prev_offset_chains_per_room(
         await c.ok("room:join", "blue")
     # Interleave rooms so stream sequences and per-room chains differ.
     for i in range(6):
-        await a.ok("chat:message", {"roomId": "red" if i % 2 == 0 else "blue",
-                                    "content": str(i)})
+        await a.ok("chat:message", {"roomId": "red" if i % 2 == 0 else "blue", "content": str(i)})
     for room in ("red", "blue"):
         chain = [(await b.next("chat:message", roomId=room))["data"] for _ in range(3)]
         offsets = [m["offset"] for m in chain]
@@ -89,15 +88,18 @@ async def test_client_id_retry_returns_the_original_message(
     b = await connect(gateway, "bob")
     for c in (a, b):
         await c.ok("room:join", "lobby")
-    first = (await a.ok("chat:message", {"roomId": "lobby", "content": "x",
-                                         "clientId": "m-1"}))["message"]
-    retry = (await a.ok("chat:message", {"roomId": "lobby", "content": "x",
-                                         "clientId": "m-1"}))["message"]
+    first = (await a.ok("chat:message", {"roomId": "lobby", "content": "x", "clientId": "m-1"}))[
+        "message"
+    ]
+    retry = (await a.ok("chat:message", {"roomId": "lobby", "content": "x", "clientId": "m-1"}))[
+        "message"
+    ]
     assert retry["id"] == first["id"] and retry["offset"] == first["offset"]
     assert retry["timestamp"] == first["timestamp"]
     # The same clientId from another user is another message.
-    other = (await b.ok("chat:message", {"roomId": "lobby", "content": "x",
-                                         "clientId": "m-1"}))["message"]
+    other = (await b.ok("chat:message", {"roomId": "lobby", "content": "x", "clientId": "m-1"}))[
+        "message"
+    ]
     assert other["offset"] != first["offset"] and other["userId"] == "bob"
     # The retry was not delivered again.
     got = [(await b.next("chat:message:sent"))["data"]["offset"]]
@@ -145,8 +147,12 @@ async def test_typing_skips_sender_and_coalesces(
         await a.send("chat:typing", {"roomId": "lobby", "isTyping": i % 2 == 0})
     await a.send("chat:typing", {"roomId": "lobby", "isTyping": False})
     first = await b.next("chat:typing")
-    assert first["data"] == {"roomId": "lobby", "userId": "alice", "username": "alice",
-                             "isTyping": True}
+    assert first["data"] == {
+        "roomId": "lobby",
+        "userId": "alice",
+        "username": "alice",
+        "isTyping": True,
+    }
     last = await b.next("chat:typing")
     assert last["data"]["isTyping"] is False
     await a.ok("ping")  # a round trip, so anything else would have arrived
@@ -161,10 +167,12 @@ async def test_client_id_reused_in_another_room_is_a_new_message(
     a = await connect(gateway, "alice")
     await a.ok("room:join", "one")
     await a.ok("room:join", "two")
-    first = (await a.ok("chat:message", {"roomId": "one", "content": "x",
-                                         "clientId": "same"}))["message"]
-    second = (await a.ok("chat:message", {"roomId": "two", "content": "y",
-                                          "clientId": "same"}))["message"]
+    first = (await a.ok("chat:message", {"roomId": "one", "content": "x", "clientId": "same"}))[
+        "message"
+    ]
+    second = (await a.ok("chat:message", {"roomId": "two", "content": "y", "clientId": "same"}))[
+        "message"
+    ]
     assert second["roomId"] == "two" and second["content"] == "y"
     assert second["offset"] != first["offset"]
 
@@ -184,13 +192,17 @@ async def test_control_disconnects_one_connection_or_a_user(
     nc = await nats.connect(nats_server.url)
     try:
         # A stray subject under the gateway's prefix is not a gateway-wide kick.
-        await nc.publish(subjects.control_gateway_subject("gw1") + ".whatever",
-                         b'{"type":"disconnect"}')
-        await nc.publish(subjects.control_connection_subject("gw1", session_b),
-                         json.dumps({"type": "disconnect", "code": 4403,
-                                     "reason": "é" * 100}).encode())
-        await nc.publish(subjects.control_user_subject("alice"),
-                         b'{"type":"disconnect","code":4403,"reason":"banned"}')
+        await nc.publish(
+            subjects.control_gateway_subject("gw1") + ".whatever", b'{"type":"disconnect"}'
+        )
+        await nc.publish(
+            subjects.control_connection_subject("gw1", session_b),
+            json.dumps({"type": "disconnect", "code": 4403, "reason": "é" * 100}).encode(),
+        )
+        await nc.publish(
+            subjects.control_user_subject("alice"),
+            b'{"type":"disconnect","code":4403,"reason":"banned"}',
+        )
         await nc.flush()
         assert await b.wait_closed() == 4403
         assert await a1.wait_closed() == 4403 and await a2.wait_closed() == 4403
@@ -216,7 +228,8 @@ async def test_stream_recreated_while_connected_gets_a_new_epoch(
         await nc.jetstream().delete_stream(subjects.ROOMS_STREAM)
     finally:
         await nc.close()
-    new = (await a.ok_once_available("chat:message", {"roomId": "lobby",
-                                                      "content": "y"}))["message"]
+    new = (await a.ok_once_available("chat:message", {"roomId": "lobby", "content": "y"}))[
+        "message"
+    ]
     assert new["offset"] == 1
     assert new["epoch"] != old["epoch"] and new["id"] != old["id"]

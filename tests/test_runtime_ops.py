@@ -87,11 +87,11 @@ def test_sdnotify_environment() -> None:
     assert sdnotify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
     assert sdnotify.watchdog_interval({}, 10) is None
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000"}, 10) == 2.0
-    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "10"},
-                                      10) == 2.0
+    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "10"}, 10) == 2.0
     # Meant for another process (systemd's main pid is a wrapper): no pings from us.
-    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "11"},
-                                      10) is None
+    assert (
+        sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "11"}, 10) is None
+    )
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "bad"}, 10) is None
     off = sdnotify.Notifier.from_env({"WATCHDOG_USEC": "1000000"})
     assert not off.enabled and off.watchdog_seconds is None and not off.notify("READY=1")
@@ -115,25 +115,44 @@ def test_sdnotify_sends_once_to_a_path_socket(tmp_path: Path) -> None:
 def _spawn(procs: Procs, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
     """A process like Procs.spawn, with command-line arguments (--instance)."""
     with (procs.tmp_path / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen([*RTGATE, *args], env=procs.env(**env), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*RTGATE, *args],
+            env=procs.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     procs.started.append(proc)
     return proc
 
 
 @pytest.mark.parametrize("service", ["gateway", "broker"])
-def test_notify_ready_watchdog_stopping(procs: Procs, notify_socket: NotifySocket,
-                                        service: str) -> None:
+def test_notify_ready_watchdog_stopping(
+    procs: Procs, notify_socket: NotifySocket, service: str
+) -> None:
     """READY=1 once it listens with NATS up; WATCHDOG=1 pings; STOPPING=1 on SIGTERM."""
     port = free_port()
     env = {"NOTIFY_SOCKET": notify_socket.env, "WATCHDOG_USEC": "200000"}
     if service == "gateway":
-        proc = _spawn(procs, "gw", ["gateway"], RTGATE_SERVER__PORT=str(port),
-                      RTGATE_SERVER__ID="gw-notify", RTGATE_EDGE__DRAIN_SECONDS="0.5", **env)
+        proc = _spawn(
+            procs,
+            "gw",
+            ["gateway"],
+            RTGATE_SERVER__PORT=str(port),
+            RTGATE_SERVER__ID="gw-notify",
+            RTGATE_EDGE__DRAIN_SECONDS="0.5",
+            **env,
+        )
     else:
-        proc = _spawn(procs, "broker", ["broker"], RTGATE_BROKER__PORT=str(port),
-                      RTGATE_BROKER__ID="broker-notify",
-                      RTGATE_BROKER__STATE_DIR=str(procs.tmp_path / "state"), **env)
+        proc = _spawn(
+            procs,
+            "broker",
+            ["broker"],
+            RTGATE_BROKER__PORT=str(port),
+            RTGATE_BROKER__ID="broker-notify",
+            RTGATE_BROKER__STATE_DIR=str(procs.tmp_path / "state"),
+            **env,
+        )
     ready, before = notify_socket.until("READY", timeout=30)
     assert before == []  # nothing, not even a watchdog ping, before READY
     assert ready["MAINPID"] == str(proc.pid)
@@ -155,9 +174,13 @@ async def test_two_instances_share_a_port(procs: Procs) -> None:
     port, metrics_base = free_port(), free_port()
     while metrics_base + 1 == port:
         metrics_base = free_port()
-    env = {"RTGATE_SERVER__ID": "host-a", "RTGATE_SERVER__PORT": str(port),
-           "RTGATE_SERVER__REUSE_PORT": "true", "RTGATE_SERVER__METRICS_PORT": str(metrics_base),
-           "RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS": "0"}
+    env = {
+        "RTGATE_SERVER__ID": "host-a",
+        "RTGATE_SERVER__PORT": str(port),
+        "RTGATE_SERVER__REUSE_PORT": "true",
+        "RTGATE_SERVER__METRICS_PORT": str(metrics_base),
+        "RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS": "0",
+    }
     for n in (0, 1):
         _spawn(procs, f"gw{n}", ["gateway", "--instance", str(n)], **env)
     for n in (0, 1):
@@ -173,14 +196,14 @@ async def test_two_instances_share_a_port(procs: Procs) -> None:
         sockets = []
         try:
             for i in range(24):
-                ws = await session.ws_connect(
-                    f"ws://127.0.0.1:{port}/ws?token={token(f'user{i}')}")
+                ws = await session.ws_connect(f"ws://127.0.0.1:{port}/ws?token={token(f'user{i}')}")
                 welcome = json.loads((await ws.receive(timeout=10)).data)
                 assert welcome["type"] == "welcome"
                 sockets.append(ws)
             per_instance = [
                 json.loads(_get(f"http://127.0.0.1:{metrics_base + n}/stats")[1])["connections"]
-                for n in (0, 1)]
+                for n in (0, 1)
+            ]
             assert sum(per_instance) == 24
             assert min(per_instance) > 0, per_instance
         finally:
@@ -201,13 +224,16 @@ def test_instance_config() -> None:
         cli.main(["gateway", "--instance", "x"])
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"RTGATE_SERVER__TLS_CERT_FILE": "a.pem"}, "server.tls_cert_file and server.tls_key_file"),
-    ({"RTGATE_NATS__USER": "u"}, "nats.user and nats.password"),
-    ({"RTGATE_NATS__TLS_KEY_FILE": "k.pem"}, "nats.tls_cert_file and nats.tls_key_file"),
-    ({"RTGATE_NATS__TOKEN": "t", "RTGATE_NATS__CREDS_FILE": "x.creds"}, "only one of"),
-    ({"RTGATE_SERVER__METRICS_PORT": "8080"}, "must differ from server.port"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RTGATE_SERVER__TLS_CERT_FILE": "a.pem"}, "server.tls_cert_file and server.tls_key_file"),
+        ({"RTGATE_NATS__USER": "u"}, "nats.user and nats.password"),
+        ({"RTGATE_NATS__TLS_KEY_FILE": "k.pem"}, "nats.tls_cert_file and nats.tls_key_file"),
+        ({"RTGATE_NATS__TOKEN": "t", "RTGATE_NATS__CREDS_FILE": "x.creds"}, "only one of"),
+        ({"RTGATE_SERVER__METRICS_PORT": "8080"}, "must differ from server.port"),
+    ],
+)
 def test_half_set_settings_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         gconfig.load(None, env)
@@ -220,41 +246,65 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, *,
-          issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-          ca: bool = False, server: bool = True) -> x509.Certificate:
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    ca: bool = False,
+    server: bool = True,
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer[0].subject if issuer else name)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer[0].subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server \
-            else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     else:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
 
 
-def _write(directory: Path, name: str, cert: x509.Certificate,
-           key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+def _write(
+    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[str, str]:
     cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cert_file), str(key_file)
 
 
@@ -263,9 +313,16 @@ async def test_gateway_native_tls(procs: Procs, notify_socket: NotifySocket) -> 
     key = _key()
     cert_file, key_file = _write(procs.tmp_path, "gateway", _cert("localhost", key), key)
     port = free_port()
-    _spawn(procs, "gw-tls", ["gateway"], RTGATE_SERVER__PORT=str(port),
-           RTGATE_SERVER__ID="gw-tls", RTGATE_SERVER__TLS_CERT_FILE=cert_file,
-           RTGATE_SERVER__TLS_KEY_FILE=key_file, NOTIFY_SOCKET=notify_socket.env)
+    _spawn(
+        procs,
+        "gw-tls",
+        ["gateway"],
+        RTGATE_SERVER__PORT=str(port),
+        RTGATE_SERVER__ID="gw-tls",
+        RTGATE_SERVER__TLS_CERT_FILE=cert_file,
+        RTGATE_SERVER__TLS_KEY_FILE=key_file,
+        NOTIFY_SOCKET=notify_socket.env,
+    )
     notify_socket.until("READY", timeout=30)  # listening, NATS connected
     trust = ssl.create_default_context(cafile=cert_file)
     async with aiohttp.ClientSession() as session:
@@ -275,8 +332,9 @@ async def test_gateway_native_tls(procs: Procs, notify_socket: NotifySocket) -> 
                 await resp.read()
         async with session.get(f"https://127.0.0.1:{port}/readyz", ssl=trust) as resp:
             assert resp.status == 200
-        ws = await session.ws_connect(f"wss://127.0.0.1:{port}/ws?token={token('alice')}",
-                                      ssl=trust)
+        ws = await session.ws_connect(
+            f"wss://127.0.0.1:{port}/ws?token={token('alice')}", ssl=trust
+        )
         welcome = json.loads((await ws.receive(timeout=10)).data)
         assert welcome["type"] == "welcome"
         await ws.close()
@@ -286,9 +344,14 @@ async def test_gateway_native_tls(procs: Procs, notify_socket: NotifySocket) -> 
 
 
 def test_gateway_tls_files_missing(procs: Procs) -> None:
-    proc = _spawn(procs, "gw-badtls", ["gateway"], RTGATE_SERVER__PORT=str(free_port()),
-                  RTGATE_SERVER__TLS_CERT_FILE=str(procs.tmp_path / "none.crt"),
-                  RTGATE_SERVER__TLS_KEY_FILE=str(procs.tmp_path / "none.key"))
+    proc = _spawn(
+        procs,
+        "gw-badtls",
+        ["gateway"],
+        RTGATE_SERVER__PORT=str(free_port()),
+        RTGATE_SERVER__TLS_CERT_FILE=str(procs.tmp_path / "none.crt"),
+        RTGATE_SERVER__TLS_KEY_FILE=str(procs.tmp_path / "none.key"),
+    )
     assert proc.wait(20) == 2
     assert "server.tls_cert_file" in (procs.tmp_path / "gw-badtls.log").read_text()
 
@@ -311,13 +374,16 @@ class ConfiguredNats:
         self.port = free_port()
         store = tmp_path / f"{name}-js"
         conf = tmp_path / f"{name}.conf"
-        conf.write_text(f'listen: "127.0.0.1:{self.port}"\n'
-                        f'server_name: "{name}"\n'
-                        f'jetstream {{ store_dir: "{store}" }}\n' + body)
+        conf.write_text(
+            f'listen: "127.0.0.1:{self.port}"\n'
+            f'server_name: "{name}"\n'
+            f'jetstream {{ store_dir: "{store}" }}\n' + body
+        )
         self.log = tmp_path / f"{name}.log"
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([find_binary(), "-c", str(conf)], stdout=out,
-                                         stderr=out, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [find_binary(), "-c", str(conf)], stdout=out, stderr=out, stdin=subprocess.DEVNULL
+            )
         wait_for_port("127.0.0.1", self.port, 10, self.proc)
 
     @property
@@ -338,11 +404,19 @@ def nats_servers() -> Iterator[list[ConfiguredNats]]:
         server.stop()
 
 
-def _gateway_against(procs: Procs, server: ConfiguredNats, name: str,
-                     **env: str) -> tuple[subprocess.Popen[bytes], int]:
+def _gateway_against(
+    procs: Procs, server: ConfiguredNats, name: str, **env: str
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = _spawn(procs, name, ["gateway"], RTGATE_NATS__URLS=server.url,
-                  RTGATE_SERVER__PORT=str(port), RTGATE_SERVER__ID=name, **env)
+    proc = _spawn(
+        procs,
+        name,
+        ["gateway"],
+        RTGATE_NATS__URLS=server.url,
+        RTGATE_SERVER__PORT=str(port),
+        RTGATE_SERVER__ID=name,
+        **env,
+    )
     return proc, port
 
 
@@ -365,23 +439,46 @@ def _refused(procs: Procs, server: ConfiguredNats, name: str, expect: str, **env
     assert expect.lower() in reason[0].lower(), reason[0]
 
 
-def test_nats_user_password_and_token(procs: Procs, tmp_path: Path,
-                                      nats_servers: list[ConfiguredNats]) -> None:
-    users = ConfiguredNats(tmp_path, "users", 'authorization { users = [\n'
-                           '  { user: "rtgate-gateway", password: "gw-secret" }\n'
-                           '  { user: "rtgate-broker", password: "br-secret" }\n]}\n')
+def test_nats_user_password_and_token(
+    procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNats]
+) -> None:
+    users = ConfiguredNats(
+        tmp_path,
+        "users",
+        "authorization { users = [\n"
+        '  { user: "rtgate-gateway", password: "gw-secret" }\n'
+        '  { user: "rtgate-broker", password: "br-secret" }\n]}\n',
+    )
     nats_servers.append(users)
-    _connects(procs, users, "gw-user", RTGATE_NATS__USER="rtgate-gateway",
-              RTGATE_NATS__PASSWORD="gw-secret")
-    _refused(procs, users, "gw-badpass", "Authorization Violation",
-             RTGATE_NATS__USER="rtgate-gateway", RTGATE_NATS__PASSWORD="wrong")
+    _connects(
+        procs,
+        users,
+        "gw-user",
+        RTGATE_NATS__USER="rtgate-gateway",
+        RTGATE_NATS__PASSWORD="gw-secret",
+    )
+    _refused(
+        procs,
+        users,
+        "gw-badpass",
+        "Authorization Violation",
+        RTGATE_NATS__USER="rtgate-gateway",
+        RTGATE_NATS__PASSWORD="wrong",
+    )
     _refused(procs, users, "gw-anon", "Authorization Violation")
     # The broker connects with the same settings code.
     broker_port = free_port()
-    broker = _spawn(procs, "broker-user", ["broker"], RTGATE_NATS__URLS=users.url,
-                    RTGATE_NATS__USER="rtgate-broker", RTGATE_NATS__PASSWORD="br-secret",
-                    RTGATE_BROKER__PORT=str(broker_port), RTGATE_BROKER__ID="broker-user",
-                    RTGATE_BROKER__STATE_DIR=str(tmp_path / "broker-state"))
+    broker = _spawn(
+        procs,
+        "broker-user",
+        ["broker"],
+        RTGATE_NATS__URLS=users.url,
+        RTGATE_NATS__USER="rtgate-broker",
+        RTGATE_NATS__PASSWORD="br-secret",
+        RTGATE_BROKER__PORT=str(broker_port),
+        RTGATE_BROKER__ID="broker-user",
+        RTGATE_BROKER__STATE_DIR=str(tmp_path / "broker-state"),
+    )
     _wait_http(f"http://127.0.0.1:{broker_port}/readyz")
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(20) == 0
@@ -389,8 +486,7 @@ def test_nats_user_password_and_token(procs: Procs, tmp_path: Path,
     tokens = ConfiguredNats(tmp_path, "token", 'authorization { token: "s3cret-token" }\n')
     nats_servers.append(tokens)
     _connects(procs, tokens, "gw-token", RTGATE_NATS__TOKEN="s3cret-token")
-    _refused(procs, tokens, "gw-badtoken", "Authorization Violation",
-             RTGATE_NATS__TOKEN="not-it")
+    _refused(procs, tokens, "gw-badtoken", "Authorization Violation", RTGATE_NATS__TOKEN="not-it")
 
 
 def test_nats_nkey(procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNats]) -> None:
@@ -406,47 +502,86 @@ def test_nats_nkey(procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNa
 
     good, public = user_seed("good")
     other, _ = user_seed("other")
-    server = ConfiguredNats(tmp_path, "nkey",
-                            f'authorization {{ users = [{{ nkey: "{public}" }}] }}\n')
+    server = ConfiguredNats(
+        tmp_path, "nkey", f'authorization {{ users = [{{ nkey: "{public}" }}] }}\n'
+    )
     nats_servers.append(server)
     _connects(procs, server, "gw-nkey", RTGATE_NATS__NKEY_SEED_FILE=str(good))
-    _refused(procs, server, "gw-othernkey", "Authorization Violation",
-             RTGATE_NATS__NKEY_SEED_FILE=str(other))
-    _refused(procs, server, "gw-nonkey", "nkey_seed_file",
-             RTGATE_NATS__NKEY_SEED_FILE=str(tmp_path / "missing.nk"))
+    _refused(
+        procs,
+        server,
+        "gw-othernkey",
+        "Authorization Violation",
+        RTGATE_NATS__NKEY_SEED_FILE=str(other),
+    )
+    _refused(
+        procs,
+        server,
+        "gw-nonkey",
+        "nkey_seed_file",
+        RTGATE_NATS__NKEY_SEED_FILE=str(tmp_path / "missing.nk"),
+    )
 
 
-def test_nats_tls_with_client_certificates(procs: Procs, tmp_path: Path,
-                                           nats_servers: list[ConfiguredNats]) -> None:
+def test_nats_tls_with_client_certificates(
+    procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNats]
+) -> None:
     ca_key = _key()
     ca = _cert("rtgate test CA", ca_key, ca=True)
     ca_file = tmp_path / "ca.crt"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     server_key, client_key = _key(), _key()
     server_cert, server_keyf = _write(
-        tmp_path, "nats", _cert("127.0.0.1", server_key, issuer=(ca, ca_key)), server_key)
+        tmp_path, "nats", _cert("127.0.0.1", server_key, issuer=(ca, ca_key)), server_key
+    )
     client_cert, client_keyf = _write(
-        tmp_path, "client", _cert("rtgate-gateway", client_key, issuer=(ca, ca_key),
-                                  server=False), client_key)
+        tmp_path,
+        "client",
+        _cert("rtgate-gateway", client_key, issuer=(ca, ca_key), server=False),
+        client_key,
+    )
     other_key = _key()
     other_ca = tmp_path / "other-ca.crt"
-    other_ca.write_bytes(_cert("another CA", other_key, ca=True).public_bytes(
-        serialization.Encoding.PEM))
+    other_ca.write_bytes(
+        _cert("another CA", other_key, ca=True).public_bytes(serialization.Encoding.PEM)
+    )
 
-    server = ConfiguredNats(tmp_path, "tls", (
-        f'tls {{ cert_file: "{server_cert}"\n key_file: "{server_keyf}"\n'
-        f' ca_file: "{ca_file}"\n verify: true\n timeout: 2 }}\n'))
+    server = ConfiguredNats(
+        tmp_path,
+        "tls",
+        (
+            f'tls {{ cert_file: "{server_cert}"\n key_file: "{server_keyf}"\n'
+            f' ca_file: "{ca_file}"\n verify: true\n timeout: 2 }}\n'
+        ),
+    )
     nats_servers.append(server)
-    _connects(procs, server, "gw-tls", RTGATE_NATS__TLS_CA_FILE=str(ca_file),
-              RTGATE_NATS__TLS_CERT_FILE=client_cert, RTGATE_NATS__TLS_KEY_FILE=client_keyf)
+    _connects(
+        procs,
+        server,
+        "gw-tls",
+        RTGATE_NATS__TLS_CA_FILE=str(ca_file),
+        RTGATE_NATS__TLS_CERT_FILE=client_cert,
+        RTGATE_NATS__TLS_KEY_FILE=client_keyf,
+    )
     # The server's certificate is not from the CA we were told to trust.
-    _refused(procs, server, "gw-wrongca", "certificate verify failed",
-             RTGATE_NATS__TLS_CA_FILE=str(other_ca),
-             RTGATE_NATS__TLS_CERT_FILE=client_cert, RTGATE_NATS__TLS_KEY_FILE=client_keyf)
+    _refused(
+        procs,
+        server,
+        "gw-wrongca",
+        "certificate verify failed",
+        RTGATE_NATS__TLS_CA_FILE=str(other_ca),
+        RTGATE_NATS__TLS_CERT_FILE=client_cert,
+        RTGATE_NATS__TLS_KEY_FILE=client_keyf,
+    )
     # No client certificate: the server (verify: true) refuses the handshake.
     _refused(procs, server, "gw-nocert", "", RTGATE_NATS__TLS_CA_FILE=str(ca_file))
-    _refused(procs, server, "gw-badfile", "nats TLS files",
-             RTGATE_NATS__TLS_CA_FILE=str(tmp_path / "missing.crt"))
+    _refused(
+        procs,
+        server,
+        "gw-badfile",
+        "nats TLS files",
+        RTGATE_NATS__TLS_CA_FILE=str(tmp_path / "missing.crt"),
+    )
 
 
 def _keypair(nkeys: Any, prefix: int) -> tuple[bytes, str]:
@@ -456,6 +591,7 @@ def _keypair(nkeys: Any, prefix: int) -> tuple[bytes, str]:
 
 def _jwt(nkeys: Any, claims: dict[str, Any], signer_seed: bytes) -> str:
     """A NATS JWT (what `nsc` makes): ed25519-nkey signed by the issuer's seed."""
+
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -468,8 +604,7 @@ def _jwt(nkeys: Any, claims: dict[str, Any], signer_seed: bytes) -> str:
     return f"{head}.{body}.{b64(signature)}"
 
 
-def test_nats_creds_file(procs: Procs, tmp_path: Path,
-                         nats_servers: list[ConfiguredNats]) -> None:
+def test_nats_creds_file(procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNats]) -> None:
     """Operator (JWT) mode: an operator, an account with JetStream, a user's .creds file."""
     nkeys = _nkeys()
 
@@ -477,36 +612,104 @@ def test_nats_creds_file(procs: Procs, tmp_path: Path,
     _sys_seed, sys_pub = _keypair(nkeys, nkeys.PREFIX_BYTE_ACCOUNT)
     acc_seed, acc_pub = _keypair(nkeys, nkeys.PREFIX_BYTE_ACCOUNT)
     stranger_seed, stranger_pub = _keypair(nkeys, nkeys.PREFIX_BYTE_ACCOUNT)
-    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                 "wildcards": True, "conn": -1, "leaf": -1}
+    unlimited = {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "conn": -1,
+        "leaf": -1,
+    }
     jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
-    operator = _jwt(nkeys, {"iss": op_pub, "sub": op_pub, "name": "test-operator", "nats": {
-        "type": "operator", "version": 2, "system_account": sys_pub}}, op_seed)
-    account = _jwt(nkeys, {"iss": op_pub, "sub": acc_pub, "name": "rtgate", "nats": {
-        "type": "account", "version": 2, "limits": {**unlimited, **jetstream}}}, op_seed)
-    system = _jwt(nkeys, {"iss": op_pub, "sub": sys_pub, "name": "SYS", "nats": {
-        "type": "account", "version": 2, "limits": unlimited}}, op_seed)
+    operator = _jwt(
+        nkeys,
+        {
+            "iss": op_pub,
+            "sub": op_pub,
+            "name": "test-operator",
+            "nats": {"type": "operator", "version": 2, "system_account": sys_pub},
+        },
+        op_seed,
+    )
+    account = _jwt(
+        nkeys,
+        {
+            "iss": op_pub,
+            "sub": acc_pub,
+            "name": "rtgate",
+            "nats": {"type": "account", "version": 2, "limits": {**unlimited, **jetstream}},
+        },
+        op_seed,
+    )
+    system = _jwt(
+        nkeys,
+        {
+            "iss": op_pub,
+            "sub": sys_pub,
+            "name": "SYS",
+            "nats": {"type": "account", "version": 2, "limits": unlimited},
+        },
+        op_seed,
+    )
 
     def creds(name: str, account_seed: bytes, account_pub: str) -> Path:
         user_seed, user_pub = _keypair(nkeys, nkeys.PREFIX_BYTE_USER)
-        user = _jwt(nkeys, {"iss": account_pub, "sub": user_pub, "name": name, "nats": {
-            "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1,
-            "payload": -1}}, account_seed)
+        user = _jwt(
+            nkeys,
+            {
+                "iss": account_pub,
+                "sub": user_pub,
+                "name": name,
+                "nats": {
+                    "type": "user",
+                    "version": 2,
+                    "pub": {},
+                    "sub": {},
+                    "subs": -1,
+                    "data": -1,
+                    "payload": -1,
+                },
+            },
+            account_seed,
+        )
         path = tmp_path / f"{name}.creds"
-        path.write_text(f"-----BEGIN NATS USER JWT-----\n{user}\n------END NATS USER JWT------\n"
-                        f"\n-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n"
-                        "------END USER NKEY SEED------\n")
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{user}\n------END NATS USER JWT------\n"
+            f"\n-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n"
+            "------END USER NKEY SEED------\n"
+        )
         path.chmod(0o600)
         return path
 
-    server = ConfiguredNats(tmp_path, "operator", (
-        f"operator: {operator}\nsystem_account: {sys_pub}\nresolver: MEMORY\n"
-        f"resolver_preload: {{\n  {acc_pub}: {account}\n  {sys_pub}: {system}\n}}\n"))
+    server = ConfiguredNats(
+        tmp_path,
+        "operator",
+        (
+            f"operator: {operator}\nsystem_account: {sys_pub}\nresolver: MEMORY\n"
+            f"resolver_preload: {{\n  {acc_pub}: {account}\n  {sys_pub}: {system}\n}}\n"
+        ),
+    )
     nats_servers.append(server)
-    _connects(procs, server, "gw-creds",
-              RTGATE_NATS__CREDS_FILE=str(creds("rtgate-gateway", acc_seed, acc_pub)))
+    _connects(
+        procs,
+        server,
+        "gw-creds",
+        RTGATE_NATS__CREDS_FILE=str(creds("rtgate-gateway", acc_seed, acc_pub)),
+    )
     # Signed by an account this server does not know.
-    _refused(procs, server, "gw-stranger", "Authorization Violation",
-             RTGATE_NATS__CREDS_FILE=str(creds("stranger", stranger_seed, stranger_pub)))
-    _refused(procs, server, "gw-nocreds", "creds_file",
-             RTGATE_NATS__CREDS_FILE=str(tmp_path / "missing.creds"))
+    _refused(
+        procs,
+        server,
+        "gw-stranger",
+        "Authorization Violation",
+        RTGATE_NATS__CREDS_FILE=str(creds("stranger", stranger_seed, stranger_pub)),
+    )
+    _refused(
+        procs,
+        server,
+        "gw-nocreds",
+        "creds_file",
+        RTGATE_NATS__CREDS_FILE=str(tmp_path / "missing.creds"),
+    )

@@ -51,36 +51,90 @@ EPOCH = "1764331200123456"
 NEW_EPOCH = "1764331300000000"
 
 
-def room_msg(room: str, seq: int, *, epoch: str = EPOCH, prev: int = 0,
-             user: str = "alice") -> StoredMessage:
-    event = {"type": "chat:message", "data": {
-        "roomId": room, "userId": user, "username": user.title(), "content": f"m{seq}",
-        "timestamp": "2025-11-28T12:00:00.123Z", "id": subjects.message_id(epoch, seq),
-        "offset": seq, "epoch": epoch, "prevOffset": prev}}
-    return StoredMessage(stream=subjects.ROOMS_STREAM, epoch=epoch, seq=seq, prev_seq=prev,
-                         subject=subjects.room_subject(room), kind="chat:message",
-                         room_id=room, from_user=user, to_user=None, event=event,
-                         stored_at=1764331200.25 + seq)
+def room_msg(
+    room: str, seq: int, *, epoch: str = EPOCH, prev: int = 0, user: str = "alice"
+) -> StoredMessage:
+    event = {
+        "type": "chat:message",
+        "data": {
+            "roomId": room,
+            "userId": user,
+            "username": user.title(),
+            "content": f"m{seq}",
+            "timestamp": "2025-11-28T12:00:00.123Z",
+            "id": subjects.message_id(epoch, seq),
+            "offset": seq,
+            "epoch": epoch,
+            "prevOffset": prev,
+        },
+    }
+    return StoredMessage(
+        stream=subjects.ROOMS_STREAM,
+        epoch=epoch,
+        seq=seq,
+        prev_seq=prev,
+        subject=subjects.room_subject(room),
+        kind="chat:message",
+        room_id=room,
+        from_user=user,
+        to_user=None,
+        event=event,
+        stored_at=1764331200.25 + seq,
+    )
 
 
 def direct_msg(sender: str, recipient: str, seq: int, *, epoch: str = EPOCH) -> StoredMessage:
-    event = {"type": "direct:message", "data": {
-        "fromUserId": sender, "toUserId": recipient, "content": f"d{seq}",
-        "id": subjects.message_id(epoch, seq), "offset": seq, "epoch": epoch, "prevOffset": 0}}
-    return StoredMessage(stream=subjects.DIRECT_STREAM, epoch=epoch, seq=seq, prev_seq=0,
-                         subject=subjects.direct_subject(recipient), kind="direct:message",
-                         room_id=None, from_user=sender, to_user=recipient, event=event,
-                         stored_at=1764331200.5)
+    event = {
+        "type": "direct:message",
+        "data": {
+            "fromUserId": sender,
+            "toUserId": recipient,
+            "content": f"d{seq}",
+            "id": subjects.message_id(epoch, seq),
+            "offset": seq,
+            "epoch": epoch,
+            "prevOffset": 0,
+        },
+    }
+    return StoredMessage(
+        stream=subjects.DIRECT_STREAM,
+        epoch=epoch,
+        seq=seq,
+        prev_seq=0,
+        subject=subjects.direct_subject(recipient),
+        kind="direct:message",
+        room_id=None,
+        from_user=sender,
+        to_user=recipient,
+        event=event,
+        stored_at=1764331200.5,
+    )
 
 
 def global_msg(seq: int, *, epoch: str = EPOCH) -> StoredMessage:
-    event = {"type": "global:message", "data": {
-        "content": f"g{seq}", "id": subjects.message_id(epoch, seq), "offset": seq,
-        "epoch": epoch, "prevOffset": seq - 1}}
-    return StoredMessage(stream=subjects.GLOBAL_STREAM, epoch=epoch, seq=seq,
-                         prev_seq=seq - 1, subject=subjects.GLOBAL_SUBJECT,
-                         kind="global:message", room_id=None, from_user="ops", to_user=None,
-                         event=event, stored_at=1764331200.75)
+    event = {
+        "type": "global:message",
+        "data": {
+            "content": f"g{seq}",
+            "id": subjects.message_id(epoch, seq),
+            "offset": seq,
+            "epoch": epoch,
+            "prevOffset": seq - 1,
+        },
+    }
+    return StoredMessage(
+        stream=subjects.GLOBAL_STREAM,
+        epoch=epoch,
+        seq=seq,
+        prev_seq=seq - 1,
+        subject=subjects.GLOBAL_SUBJECT,
+        kind="global:message",
+        room_id=None,
+        from_user="ops",
+        to_user=None,
+        event=event,
+        stored_at=1764331200.75,
+    )
 
 
 def keys(items: list[StoredMessage]) -> list[tuple[str, str, int]]:
@@ -141,8 +195,7 @@ async def _postgres_backend(dsn: str) -> AsyncIterator[Backend]:
             finally:
                 await conn.close()
 
-        yield Backend("postgres",
-                      lambda: PostgresStore(dsn, 2, server_settings=search_path), raw)
+        yield Backend("postgres", lambda: PostgresStore(dsn, 2, server_settings=search_path), raw)
     finally:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.close()
@@ -155,8 +208,10 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         return
     dsn = os.environ.get(POSTGRES_DSN_ENV)
     if not dsn:
-        pytest.skip(f"PostgreSQL store tests need a server: set {POSTGRES_DSN_ENV}, "
-                    f"e.g. postgresql://postgres@127.0.0.1:5432/test")
+        pytest.skip(
+            f"PostgreSQL store tests need a server: set {POSTGRES_DSN_ENV}, "
+            f"e.g. postgresql://postgres@127.0.0.1:5432/test"
+        )
     async with _postgres_backend(dsn) as found:
         yield found
 
@@ -217,8 +272,9 @@ async def test_walk_a_room_across_an_epoch_change(store: Store) -> None:
     # The stream was deleted and created again: seqs restart in a larger epoch.
     old = [room_msg("lobby", seq, epoch=OLD_EPOCH) for seq in range(1, 47, 2)]
     new = [room_msg("lobby", seq, epoch=NEW_EPOCH) for seq in range(1, 35, 2)]
-    noise = ([room_msg("other", seq, epoch=OLD_EPOCH) for seq in range(2, 47, 2)]
-             + [room_msg("other", seq, epoch=NEW_EPOCH) for seq in range(2, 35, 2)])
+    noise = [room_msg("other", seq, epoch=OLD_EPOCH) for seq in range(2, 47, 2)] + [
+        room_msg("other", seq, epoch=NEW_EPOCH) for seq in range(2, 35, 2)
+    ]
     await store.write(new[:5] + noise + old + new[5:])
     expected = keys(new[::-1] + old[::-1])
     for limit in (1, 5, 7, 17, 40, 100):
@@ -239,14 +295,20 @@ async def test_direct_inbox_has_received_and_sent(store: Store) -> None:
     ]
     # A room message from alice is not in her inbox.
     await store.write([*messages, room_msg("lobby", 8)])
-    for user, seqs in (("alice", [7, 6, 4, 2, 1]), ("bob", [7, 5, 3, 2, 1]),
-                       ("carol", [6, 5, 3]), ("dave", [])):
+    for user, seqs in (
+        ("alice", [7, 6, 4, 2, 1]),
+        ("bob", [7, 5, 3, 2, 1]),
+        ("carol", [6, 5, 3]),
+        ("dave", []),
+    ):
         inbox = Channel.direct(user)
         for limit in (1, 2, 3, 10):
             assert [m.seq for m in await walk(store, inbox, limit)] == seqs, (user, limit)
         assert await store.count(inbox) == len(seqs)
-        assert all(inbox.includes(m) == (m.seq in seqs and m.stream == subjects.DIRECT_STREAM)
-                   for m in messages)
+        assert all(
+            inbox.includes(m) == (m.seq in seqs and m.stream == subjects.DIRECT_STREAM)
+            for m in messages
+        )
     first = await store.page(Channel.direct("alice"), None, 2)
     assert first.items == [messages[6], messages[5]]
 
@@ -263,9 +325,16 @@ async def test_global_channel(store: Store) -> None:
 
 async def test_persisted_up_to_per_stream_and_epoch(store: Store) -> None:
     assert await store.persisted_up_to(subjects.ROOMS_STREAM, EPOCH) == 0
-    await store.write([room_msg("a", 3), room_msg("b", 9), room_msg("a", 5),
-                       room_msg("a", 2, epoch=NEW_EPOCH), direct_msg("x", "y", 4),
-                       global_msg(11, epoch=OLD_EPOCH)])
+    await store.write(
+        [
+            room_msg("a", 3),
+            room_msg("b", 9),
+            room_msg("a", 5),
+            room_msg("a", 2, epoch=NEW_EPOCH),
+            direct_msg("x", "y", 4),
+            global_msg(11, epoch=OLD_EPOCH),
+        ]
+    )
     assert await store.persisted_up_to(subjects.ROOMS_STREAM, EPOCH) == 9
     assert await store.persisted_up_to(subjects.ROOMS_STREAM, NEW_EPOCH) == 2
     assert await store.persisted_up_to(subjects.ROOMS_STREAM, OLD_EPOCH) == 0
@@ -303,7 +372,8 @@ async def test_schema_version_table_and_reopen(backend: Backend, store: Store) -
     assert latest == len(pg_backend.MIGRATIONS)
     assert await store.schema_version() == latest
     assert await backend.raw("SELECT version FROM schema_version ORDER BY version") == [
-        (v,) for v in range(1, latest + 1)]
+        (v,) for v in range(1, latest + 1)
+    ]
     await store.write([room_msg("lobby", 1)])
     await store.close()
     await store.close()  # harmless twice
@@ -318,8 +388,7 @@ async def test_schema_version_table_and_reopen(backend: Backend, store: Store) -
         await again.close()
 
     # A database migrated by a newer rtgate is refused, not written to.
-    await backend.raw(f"INSERT INTO schema_version (version, applied_at) "
-                      f"VALUES ({latest + 1}, 0)")
+    await backend.raw(f"INSERT INTO schema_version (version, applied_at) VALUES ({latest + 1}, 0)")
     newer = backend.make()
     with pytest.raises(StoreError, match="newer than this rtgate knows"):
         await newer.open()
@@ -348,8 +417,12 @@ def _b64(raw: bytes) -> str:
 
 
 def test_cursor_round_trip() -> None:
-    for channel in (Channel.room("lobby"), Channel.room("a.b@x.com ~ 日本"),
-                    Channel.direct("auth0|123"), GLOBAL_CHANNEL):
+    for channel in (
+        Channel.room("lobby"),
+        Channel.room("a.b@x.com ~ 日本"),
+        Channel.direct("auth0|123"),
+        GLOBAL_CHANNEL,
+    ):
         cursor = Cursor(channel, EPOCH, 42)
         text = encode_cursor(cursor)
         assert text.replace("-", "").replace("_", "").isalnum()  # URL-safe, no padding
@@ -357,26 +430,29 @@ def test_cursor_round_trip() -> None:
     assert Cursor(GLOBAL_CHANNEL, OLD_EPOCH, 9).position < Cursor(GLOBAL_CHANNEL, EPOCH, 1).position
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "!!!!",
-    "abc",
-    "a" * 5000,
-    "eyJ2IjoxfQ==",  # padding is not part of the alphabet
-    _b64(b"\xff\xfe"),
-    _b64(b"not json"),
-    _b64(b"[1,2,3]"),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"1"}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":2,"x":3}'),
-    _b64(b'{"v":1,"k":"hall","c":"lobby","e":"1","s":2}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":1,"s":2}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"01","s":2}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":0}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":true}'),
-    _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":"2"}'),
-    _b64(b'{"v":1,"k":"room","c":"","e":"1","s":2}'),
-    _b64(b'{"v":1,"k":"global","c":"x","e":"1","s":2}'),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "!!!!",
+        "abc",
+        "a" * 5000,
+        "eyJ2IjoxfQ==",  # padding is not part of the alphabet
+        _b64(b"\xff\xfe"),
+        _b64(b"not json"),
+        _b64(b"[1,2,3]"),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"1"}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":2,"x":3}'),
+        _b64(b'{"v":1,"k":"hall","c":"lobby","e":"1","s":2}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":1,"s":2}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"01","s":2}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":0}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":true}'),
+        _b64(b'{"v":1,"k":"room","c":"lobby","e":"1","s":"2"}'),
+        _b64(b'{"v":1,"k":"room","c":"","e":"1","s":2}'),
+        _b64(b'{"v":1,"k":"global","c":"x","e":"1","s":2}'),
+    ],
+)
 def test_garbage_is_not_a_cursor(text: str) -> None:
     with pytest.raises(CursorError, match="not a valid cursor"):
         decode_cursor(text, Channel.room("lobby"))
@@ -460,18 +536,29 @@ def test_store_settings() -> None:
     assert isinstance(create_store(config), SqliteStore)
     config = settings.load(BrokerConfig, None, {"RTGATE_STORE__SQLITE_PATH": "/tmp/x.db"})
     assert config.sqlite_file == Path("/tmp/x.db")
-    config = settings.load(BrokerConfig, None, {
-        "RTGATE_STORE__BACKEND": "postgres",
-        "RTGATE_STORE__POSTGRES_DSN": "postgresql://u:p@db/rtgate",
-        "RTGATE_STORE__POSTGRES_POOL_SIZE": "8"})
+    config = settings.load(
+        BrokerConfig,
+        None,
+        {
+            "RTGATE_STORE__BACKEND": "postgres",
+            "RTGATE_STORE__POSTGRES_DSN": "postgresql://u:p@db/rtgate",
+            "RTGATE_STORE__POSTGRES_POOL_SIZE": "8",
+        },
+    )
     assert config.store.postgres_pool_size == 8
     assert isinstance(create_store(config), PostgresStore)
     for env, needle in (
         ({"RTGATE_STORE__BACKEND": "mysql"}, "store.backend must be sqlite or postgres"),
         ({"RTGATE_STORE__BACKEND": "postgres"}, "store.postgres_dsn must be set"),
         ({"RTGATE_STORE__POSTGRES_DSN": "postgresql://db/x"}, "store.backend is sqlite"),
-        ({"RTGATE_STORE__BACKEND": "postgres", "RTGATE_STORE__POSTGRES_DSN": "postgresql://d",
-          "RTGATE_STORE__POSTGRES_POOL_SIZE": "0"}, "postgres_pool_size"),
+        (
+            {
+                "RTGATE_STORE__BACKEND": "postgres",
+                "RTGATE_STORE__POSTGRES_DSN": "postgresql://d",
+                "RTGATE_STORE__POSTGRES_POOL_SIZE": "0",
+            },
+            "postgres_pool_size",
+        ),
         ({"RTGATE_STORE__SQLITE": "x"}, r"store\.sqlite"),
     ):
         with pytest.raises(settings.ConfigError, match=needle):
@@ -479,8 +566,9 @@ def test_store_settings() -> None:
 
 
 async def test_open_store_from_config(tmp_path: Path) -> None:
-    config = settings.load(BrokerConfig, None,
-                           {"RTGATE_BROKER__STATE_DIR": str(tmp_path / "state")})
+    config = settings.load(
+        BrokerConfig, None, {"RTGATE_BROKER__STATE_DIR": str(tmp_path / "state")}
+    )
     store = await open_store(config)
     try:
         assert await store.write([room_msg("lobby", 1)]) == 1
@@ -496,8 +584,7 @@ async def test_unreachable_postgres_is_a_store_error() -> None:
         await store.open()
 
 
-async def test_json_events_stay_readable_in_the_database(backend: Backend,
-                                                         store: Store) -> None:
+async def test_json_events_stay_readable_in_the_database(backend: Backend, store: Store) -> None:
     await store.write([room_msg("zoë", 1)])
     (event,) = (await backend.raw("SELECT event FROM messages"))[0]
     assert "zoë" in event  # UTF-8 text, not \\u escapes

@@ -34,7 +34,8 @@ RTGATE_SERVICES = ("rtgate-gateway@.service", "rtgate-broker.service")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None,
-    reason="systemd-analyze not found (Debian package systemd); cannot verify the units")
+    reason="systemd-analyze not found (Debian package systemd); cannot verify the units",
+)
 
 Unit = dict[str, dict[str, list[str]]]
 
@@ -81,13 +82,27 @@ def words(unit: Unit, section: str, key: str) -> list[str]:
     """A list-valued key: its words after the last empty (resetting) assignment."""
     values = unit.get(section, {}).get(key, [])
     if "" in values:
-        values = values[len(values) - values[::-1].index(""):]
+        values = values[len(values) - values[::-1].index("") :]
     return [word for value in values for word in value.split()]
 
 
-_SPAN_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
-               "ms": 0.001, "msec": 0.001, "m": 60.0, "min": 60.0, "minute": 60.0,
-               "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0}
+_SPAN_UNITS = {
+    "": 1.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "ms": 0.001,
+    "msec": 0.001,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+}
 
 
 def seconds(span: str) -> float:
@@ -125,8 +140,13 @@ def unit_copies(tmp_path: Path) -> Path:
 
 def verify(path: Path) -> subprocess.CompletedProcess[str]:
     assert SYSTEMD_ANALYZE is not None
-    return subprocess.run([SYSTEMD_ANALYZE, "verify", str(path)], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_the_unit_set() -> None:
@@ -135,8 +155,10 @@ def test_the_unit_set() -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", ["rtgate-gateway@1.service", "rtgate-broker.service",
-                                  "nats-server.service", "rtgate.target"])
+@pytest.mark.parametrize(
+    "name",
+    ["rtgate-gateway@1.service", "rtgate-broker.service", "nats-server.service", "rtgate.target"],
+)
 def test_systemd_analyze_verify_is_silent(unit_copies: Path, name: str) -> None:
     unit = parse_unit((unit_copies / name).read_text())
     for key, values in unit.get("Service", {}).items():
@@ -166,11 +188,14 @@ def test_verify_would_report_a_bad_unit(unit_copies: Path) -> None:
 def test_commands_and_files_follow_the_host_layout() -> None:
     gateway, broker, nats = (load(name) for name in SERVICES)
     assert last(gateway, "Service", "ExecStart") == (
-        "/opt/rtgate/bin/rtgate gateway --config /etc/rtgate/gateway.toml --instance %i")
+        "/opt/rtgate/bin/rtgate gateway --config /etc/rtgate/gateway.toml --instance %i"
+    )
     assert last(broker, "Service", "ExecStart") == (
-        "/opt/rtgate/bin/rtgate broker --config /etc/rtgate/broker.toml")
+        "/opt/rtgate/bin/rtgate broker --config /etc/rtgate/broker.toml"
+    )
     assert last(nats, "Service", "ExecStart") == (
-        "/opt/rtgate/bin/nats-server -c /etc/rtgate/nats-server.conf")
+        "/opt/rtgate/bin/nats-server -c /etc/rtgate/nats-server.conf"
+    )
     # "-": a missing secrets file is not an error (development hosts have none).
     for unit in (gateway, broker):
         assert unit["Service"]["EnvironmentFile"][0] == "-/etc/rtgate/rtgate.env"
@@ -202,11 +227,20 @@ def test_gateway_has_room_for_many_sockets() -> None:
 @pytest.mark.parametrize("name", SERVICES)
 def test_hardening(name: str) -> None:
     unit = load(name)
-    expected = {"DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-                "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-                "ProtectControlGroups": "yes", "RestrictSUIDSGID": "yes",
-                "RestrictNamespaces": "yes", "LockPersonality": "yes"}
+    expected = {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictSUIDSGID": "yes",
+        "RestrictNamespaces": "yes",
+        "LockPersonality": "yes",
+    }
     for key, value in expected.items():
         assert last(unit, "Service", key) == value, key
     # Empty: no capabilities at all (ports are above 1024).

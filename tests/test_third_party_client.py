@@ -16,16 +16,22 @@ async def test_plain_websocket_without_subprotocol_speaks_json(gateway: Gateway)
         assert ws.subprotocol is None
         await ws.send(json.dumps({"type": "auth", "id": 1, "data": {"token": token("alice")}}))
         ack = json.loads(await ws.recv())
-        assert ack == {"type": "ack", "id": 1, "ok": True,
-                       "data": {"userId": "alice", "username": "alice",
-                                "expiresAt": ack["data"]["expiresAt"]}}
+        assert ack == {
+            "type": "ack",
+            "id": 1,
+            "ok": True,
+            "data": {"userId": "alice", "username": "alice", "expiresAt": ack["data"]["expiresAt"]},
+        }
         welcome = json.loads(await ws.recv())
         assert welcome["type"] == "welcome" and welcome["data"]["userId"] == "alice"
         await ws.send(json.dumps({"type": "room:join", "id": 2, "data": "lobby"}))
         joined = json.loads(await ws.recv())
         assert joined["ok"] and joined["data"]["roomId"] == "lobby"
-        await ws.send(json.dumps({"type": "chat:message", "id": 3,
-                                  "data": {"roomId": "lobby", "content": "héllo"}}))
+        await ws.send(
+            json.dumps(
+                {"type": "chat:message", "id": 3, "data": {"roomId": "lobby", "content": "héllo"}}
+            )
+        )
         frames = [json.loads(await ws.recv()) for _ in range(2)]
         kinds = sorted(f["type"] for f in frames)
         assert kinds == ["ack", "chat:message:sent"]

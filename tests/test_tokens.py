@@ -41,6 +41,7 @@ ALGORITHMS = ("HS256", "RS256", "ES256")
 # -- keys ---------------------------------------------------------------------------
 # Session-scoped: RSA key generation is the slow part of these tests.
 
+
 @pytest.fixture(scope="session")
 def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(65537, 2048)
@@ -78,17 +79,20 @@ def write_jwks(path: Path, *keys: dict[str, Any]) -> None:
 
 
 def pem(key: PrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
-def signed(key: PrivateKey, kid: str | None, user: str = "alice", alg: str | None = None,
-           **kwargs: Any) -> str:
+def signed(
+    key: PrivateKey, kid: str | None, user: str = "alice", alg: str | None = None, **kwargs: Any
+) -> str:
     return mint(AuthSettings(), user, private_key=pem(key), kid=kid, algorithm=alg, **kwargs)
 
 
 def hs256_signed_with(secret: bytes, kid: str, user: str = "mallory") -> str:
     """An HS256 token made by hand: PyJWT itself refuses PEM keys as HMAC secrets."""
+
     def b64(raw: bytes) -> bytes:
         return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
@@ -110,8 +114,9 @@ def public_key_encodings(key: PrivateKey, jwks_file: Path) -> list[bytes]:
         jwks_file.read_bytes(),
     ]
     if isinstance(public, rsa.RSAPublicKey):
-        forms.append(public.public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.PKCS1))
+        forms.append(
+            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+        )
     return forms
 
 
@@ -120,8 +125,7 @@ def settings(path: Path, algorithms: tuple[str, ...] = ALGORITHMS) -> AuthSettin
 
 
 @pytest.fixture
-def jwks(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
-         ) -> Path:
+def jwks(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> Path:
     """A JWKS file with the RSA key as k1 and the EC key as k2."""
     path = tmp_path / "jwks.json"
     write_jwks(path, public_jwk(rsa_key, "k1"), public_jwk(ec_key, "k2"))
@@ -129,6 +133,7 @@ def jwks(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePri
 
 
 # -- parsing and key selection ----------------------------------------------------------
+
 
 def test_key_store_loads_keys_by_kid(jwks: Path) -> None:
     store = KeyStore(jwks)
@@ -208,14 +213,20 @@ def test_algorithm_confusion_public_key_as_hmac_secret_is_refused(
 def test_jwks_rules(rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
     good = public_jwk(rsa_key, "k1")
     p521 = public_jwk(ec.generate_private_key(ec.SECP521R1()), "k5", alg=None)
-    keys = parse_jwks(json.dumps({"keys": [
-        good,
-        {**public_jwk(ec_key, "enc"), "use": "enc"},
-        {"kty": "oct", "k": "c2VjcmV0", "kid": "sym"},
-        p521,
-        {k: v for k, v in public_jwk(ec_key, "x").items() if k != "kid"},
-        {**public_jwk(rsa_key, "ps"), "alg": "PS256"},
-    ]}))
+    keys = parse_jwks(
+        json.dumps(
+            {
+                "keys": [
+                    good,
+                    {**public_jwk(ec_key, "enc"), "use": "enc"},
+                    {"kty": "oct", "k": "c2VjcmV0", "kid": "sym"},
+                    p521,
+                    {k: v for k, v in public_jwk(ec_key, "x").items() if k != "kid"},
+                    {**public_jwk(rsa_key, "ps"), "alg": "PS256"},
+                ]
+            }
+        )
+    )
     assert keys.kids == ("k1",)
     assert len(keys.skipped) == 5
     bad: list[tuple[Any, str]] = [
@@ -252,16 +263,22 @@ def test_auth_settings_rules(tmp_path: Path) -> None:
         ({"algorithms": ("HS256",), "secret": ""}, "auth.secret must not be empty"),
         ({"algorithms": ("PS256",), "jwks_file": "k.json"}, "PS256 is not supported"),
         ({"algorithms": ("ES512",), "jwks_file": "k.json"}, "ES512 is not supported"),
-        ({"algorithms": ("RS256",), "jwks_file": "k.json", "jwks_check_seconds": -1},
-         "jwks_check_seconds"),
+        (
+            {"algorithms": ("RS256",), "jwks_file": "k.json", "jwks_check_seconds": -1},
+            "jwks_check_seconds",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             AuthSettings(**kwargs)
     # Public keys only: no secret needed.
     AuthSettings(secret="", algorithms=("RS256", "ES256"), jwks_file="k.json")
-    loaded = gconfig.load(env={"RTGATE_AUTH__ALGORITHMS": "RS256,ES256",
-                               "RTGATE_AUTH__JWKS_FILE": "/etc/rtgate/jwks.json",
-                               "RTGATE_AUTH__JWKS_CHECK_SECONDS": "0"})
+    loaded = gconfig.load(
+        env={
+            "RTGATE_AUTH__ALGORITHMS": "RS256,ES256",
+            "RTGATE_AUTH__JWKS_FILE": "/etc/rtgate/jwks.json",
+            "RTGATE_AUTH__JWKS_CHECK_SECONDS": "0",
+        }
+    )
     assert loaded.auth.algorithms == ("RS256", "ES256")
     assert loaded.auth.jwks_check_seconds == 0.0
     with pytest.raises(ConfigError, match=r"auth\.jwks_file must be set"):
@@ -269,6 +286,7 @@ def test_auth_settings_rules(tmp_path: Path) -> None:
 
 
 # -- reloading --------------------------------------------------------------------------
+
 
 def test_reload_if_changed_picks_up_a_rewritten_file(
     jwks: Path, rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey
@@ -307,9 +325,7 @@ def test_bad_file_keeps_the_old_keys(jwks: Path, rsa_key: rsa.RSAPrivateKey) -> 
     assert store.kids == ("k7",)
 
 
-async def test_watch_keys_polls_until_stopped(
-    jwks: Path, rsa_key2: rsa.RSAPrivateKey
-) -> None:
+async def test_watch_keys_polls_until_stopped(jwks: Path, rsa_key2: rsa.RSAPrivateKey) -> None:
     auth = Authenticator(settings(jwks))
     background = Background()
     watcher = background.spawn(auth.watch_keys(background, 0.02))
@@ -327,6 +343,7 @@ async def test_watch_keys_polls_until_stopped(
 
 # -- minting ----------------------------------------------------------------------------
 
+
 def test_mint_infers_the_algorithm_from_the_key(
     rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
@@ -336,20 +353,22 @@ def test_mint_infers_the_algorithm_from_the_key(
         assert jwt.get_unverified_header(tok) == {"alg": alg, "typ": "JWT", "kid": "k1"}
         assert jwt.decode(tok, key.public_key(), algorithms=[alg])["sub"] == "alice"
     assert jwt.get_unverified_header(signed(rsa_key, None, alg="RS512"))["alg"] == "RS512"
-    for key, alg in [(rsa_key, "ES256"), (ec_key, "RS256"), (ec_key, "ES384"),
-                     (rsa_key, "HS256")]:
+    for key, alg in [(rsa_key, "ES256"), (ec_key, "RS256"), (ec_key, "ES384"), (rsa_key, "HS256")]:
         with pytest.raises(ValueError, match="does not fit"):
             signed(key, "k1", alg=alg)
     encrypted = rsa_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pw")).decode()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    ).decode()
     with pytest.raises(ValueError, match="encrypted"):
         load_private_key(encrypted)
     with pytest.raises(ValueError, match="not a PEM private key"):
         load_private_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     # Without a key: HS, the first HS algorithm configured, as before.
-    hs = mint(AuthSettings(secret="s" * 48, algorithms=("RS256", "HS384"), jwks_file="k"),
-              "a", kid="h1")
+    hs = mint(
+        AuthSettings(secret="s" * 48, algorithms=("RS256", "HS384"), jwks_file="k"), "a", kid="h1"
+    )
     assert jwt.get_unverified_header(hs) == {"alg": "HS384", "typ": "JWT", "kid": "h1"}
     with pytest.raises(ValueError, match="no HS algorithm"):
         mint(AuthSettings(algorithms=("RS256",), jwks_file="k"), "a")
@@ -364,35 +383,69 @@ def test_token_command_signs_with_a_private_key(
     key: PrivateKey = request.getfixturevalue(key_name)
     key_file = tmp_path / "key.pem"
     key_file.write_text(pem(key))
-    cli = [sys.executable, "-m", "rtgate.cli", "token", "--user", "a",
-           "--private-key", str(key_file)]
-    out = subprocess.run([*cli, "--kid", "k1"], env=env_without_rtgate({}),
-                         capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    cli = [
+        sys.executable,
+        "-m",
+        "rtgate.cli",
+        "token",
+        "--user",
+        "a",
+        "--private-key",
+        str(key_file),
+    ]
+    out = subprocess.run(
+        [*cli, "--kid", "k1"],
+        env=env_without_rtgate({}),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     assert jwt.get_unverified_header(out) == {"alg": alg, "typ": "JWT", "kid": "k1"}
     assert jwt.decode(out, key.public_key(), algorithms=[alg])["sub"] == "a"
     wrong = "ES256" if alg == "RS256" else "RS256"
-    result = subprocess.run([*cli, "--alg", wrong], env=env_without_rtgate({}),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*cli, "--alg", wrong],
+        env=env_without_rtgate({}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and "does not fit" in result.stderr
 
 
 def test_gateway_with_unreadable_key_file_exits_2(tmp_path: Path) -> None:
-    env = env_without_rtgate({"RTGATE_AUTH__ALGORITHMS": "RS256",
-                              "RTGATE_AUTH__JWKS_FILE": str(tmp_path / "nope.json")})
-    result = subprocess.run([sys.executable, "-m", "rtgate.cli", "gateway"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    env = env_without_rtgate(
+        {"RTGATE_AUTH__ALGORITHMS": "RS256", "RTGATE_AUTH__JWKS_FILE": str(tmp_path / "nope.json")}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "rtgate.cli", "gateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert "auth.jwks_file" in result.stderr and "nope.json" in result.stderr
 
 
 # -- against a real gateway ----------------------------------------------------------------
 
+
 async def _handshake(gw: Gateway, tok: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(
-        gw.url, params={"token": tok},
-        headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.url,
+            params={"token": tok},
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        ) as resp,
+    ):
         body = await resp.json() if resp.status == 401 else {}
         return resp.status, body
 
@@ -402,8 +455,11 @@ async def _gateway(make_gateway: GatewayFactory, path: Path) -> Gateway:
 
 
 async def test_rs256_and_es256_tokens_connect(
-    make_gateway: GatewayFactory, connect: ClientFactory, jwks: Path,
-    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    jwks: Path,
+    rsa_key: rsa.RSAPrivateKey,
+    ec_key: ec.EllipticCurvePrivateKey,
 ) -> None:
     gw = await _gateway(make_gateway, jwks)
     rs = await connect(gw, token_=signed(rsa_key, "k1", "alice", name="Alice"), welcome=False)
@@ -433,8 +489,10 @@ async def test_unknown_kid_and_confused_algorithm_get_401_json(
         (signed(rsa_key, "nope"), "unknown key id"),
         (signed(rsa_key, None), "unknown key id"),
         (signed(rsa_key, "k2"), "token algorithm not accepted for its key"),
-        (hs256_signed_with(public_key_encodings(rsa_key, jwks)[0], "k1"),
-         "token signature invalid"),
+        (
+            hs256_signed_with(public_key_encodings(rsa_key, jwks)[0], "k1"),
+            "token signature invalid",
+        ),
     ]:
         status, body = await _handshake(gw, tok)
         assert status == 401
@@ -449,8 +507,12 @@ async def test_unknown_kid_and_confused_algorithm_get_401_json(
 
 
 async def test_key_rotated_while_running(
-    make_gateway: GatewayFactory, connect: ClientFactory, jwks: Path,
-    rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    jwks: Path,
+    rsa_key: rsa.RSAPrivateKey,
+    rsa_key2: rsa.RSAPrivateKey,
+    ec_key: ec.EllipticCurvePrivateKey,
 ) -> None:
     gw = await _gateway(make_gateway, jwks)
     auth = gw.node.auth
@@ -480,18 +542,22 @@ async def test_key_rotated_while_running(
 
 
 def test_sighup_reloads_keys_in_a_running_gateway(
-    tmp_path: Path, nats_server: NatsServer, rsa_key: rsa.RSAPrivateKey,
-    rsa_key2: rsa.RSAPrivateKey
+    tmp_path: Path, nats_server: NatsServer, rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey
 ) -> None:
     path = tmp_path / "jwks.json"
     write_jwks(path, public_jwk(rsa_key, "k1", "RS256"))
     port = free_port()
-    env = env_without_rtgate({
-        "RTGATE_NATS__URLS": nats_server.url, "RTGATE_SERVER__PORT": str(port),
-        "RTGATE_AUTH__ALGORITHMS": "RS256", "RTGATE_AUTH__JWKS_FILE": str(path),
-        # No polling: only the signal can make the gateway see the new key.
-        "RTGATE_AUTH__JWKS_CHECK_SECONDS": "0", "RTGATE_LOG__LEVEL": "warning",
-    })
+    env = env_without_rtgate(
+        {
+            "RTGATE_NATS__URLS": nats_server.url,
+            "RTGATE_SERVER__PORT": str(port),
+            "RTGATE_AUTH__ALGORITHMS": "RS256",
+            "RTGATE_AUTH__JWKS_FILE": str(path),
+            # No polling: only the signal can make the gateway see the new key.
+            "RTGATE_AUTH__JWKS_CHECK_SECONDS": "0",
+            "RTGATE_LOG__LEVEL": "warning",
+        }
+    )
     proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
     try:
         url = f"ws://127.0.0.1:{port}/ws"

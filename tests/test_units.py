@@ -38,8 +38,10 @@ def test_subject_examples() -> None:
     assert subjects.room_subject("a.b") == "rt.room.a~2eb"
     assert subjects.room_subject("~2e") == "rt.room.~7e2e"
     assert subjects.live_room_subject("auth0|1") == "rt.live.room.auth0~7c1"
-    assert subjects.dedup_id("a@b", "chat:message", "room.1", "c1") == \
-        "a~40b:chat~3amessage:room~2e1:c1"
+    assert (
+        subjects.dedup_id("a@b", "chat:message", "room.1", "c1")
+        == "a~40b:chat~3amessage:room~2e1:c1"
+    )
     with pytest.raises(ValueError):
         subjects.encode_token("")
 
@@ -62,8 +64,11 @@ def test_codec_round_trips_and_errors() -> None:
     frame = codec.encode_frame(codec.WireFormat.MSGPACK, obj)
     assert frame[0] == 0x82 and msgpack.unpackb(frame[2:]) == obj
     assert codec.decode(codec.WireFormat.JSON, b'{"a":1}') == {"a": 1}
-    for fmt, raw in ((codec.WireFormat.JSON, b"{"), (codec.WireFormat.MSGPACK, b"\xc1"),
-                     (codec.WireFormat.MSGPACK, "text")):
+    for fmt, raw in (
+        (codec.WireFormat.JSON, b"{"),
+        (codec.WireFormat.MSGPACK, b"\xc1"),
+        (codec.WireFormat.MSGPACK, "text"),
+    ):
         with pytest.raises(ProtocolError) as exc:
             codec.decode(fmt, raw)
         assert exc.value.code is ErrorCode.BAD_FRAME
@@ -73,8 +78,14 @@ def test_codec_round_trips_and_errors() -> None:
 
 def test_protocol_validation() -> None:
     assert protocol.parse_frame({"type": "ping", "id": 3}).id == 3
-    for bad in ({"type": "ping", "id": True}, {"type": ""}, {"id": 1}, [], {"type": 1},
-                {"type": "x", "id": 2**53}):
+    for bad in (
+        {"type": "ping", "id": True},
+        {"type": ""},
+        {"id": 1},
+        [],
+        {"type": 1},
+        {"type": "x", "id": 2**53},
+    ):
         with pytest.raises(ProtocolError):
             protocol.parse_frame(bad)
     assert protocol.room_id("lobby") == protocol.room_id({"roomId": "lobby"}) == "lobby"
@@ -129,11 +140,17 @@ def test_coalescer_forwards_latest_at_interval_end() -> None:
 
 
 def test_settings_env_overrides_and_errors() -> None:
-    cfg = settings.load(GatewayConfig, None, {
-        "RTGATE_SERVER__PORT": "9000", "RTGATE_NATS__URLS": "nats://a:1, nats://b:2",
-        "RTGATE_SERVER__COMPRESSION": "true", "RTGATE_LIMITS__RATE_PER_SECOND": "5.5",
-        "RTGATE_BROKER__PORT": "1",  # the broker's section: ignored by the gateway
-    })
+    cfg = settings.load(
+        GatewayConfig,
+        None,
+        {
+            "RTGATE_SERVER__PORT": "9000",
+            "RTGATE_NATS__URLS": "nats://a:1, nats://b:2",
+            "RTGATE_SERVER__COMPRESSION": "true",
+            "RTGATE_LIMITS__RATE_PER_SECOND": "5.5",
+            "RTGATE_BROKER__PORT": "1",  # the broker's section: ignored by the gateway
+        },
+    )
     assert cfg.server.port == 9000 and cfg.server.compression is True
     assert cfg.nats.urls == ("nats://a:1", "nats://b:2")
     assert cfg.limits.rate_per_second == 5.5
@@ -153,7 +170,7 @@ def test_settings_file(tmp_path: object) -> None:
     from pathlib import Path
 
     path = Path(str(tmp_path)) / "c.toml"
-    path.write_text('[server]\nport = 81\n[limits]\nmax_rooms = 7\n[broker]\nport = 5\n')
+    path.write_text("[server]\nport = 81\n[limits]\nmax_rooms = 7\n[broker]\nport = 5\n")
     cfg = settings.load(GatewayConfig, path, {"RTGATE_LIMITS__MAX_ROOMS": "8"})
     assert cfg.server.port == 81 and cfg.limits.max_rooms == 8  # env wins over file
     path.write_text('[server]\nport = "81"\n')

@@ -22,8 +22,9 @@ class Closed(Exception):
 
 
 class WsClient:
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
-                 binary: bool) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, binary: bool
+    ) -> None:
         self.session = session
         self.ws = ws
         self.binary = binary
@@ -37,9 +38,16 @@ class WsClient:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def connect(cls, url: str, *, token: str | None = None, msgpack_: bool = False,
-                      protocols: tuple[str, ...] | None = None, headers: dict[str, str] | None
-                      = None, query: dict[str, str] | None = None) -> WsClient:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        msgpack_: bool = False,
+        protocols: tuple[str, ...] | None = None,
+        headers: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
+    ) -> WsClient:
         session = aiohttp.ClientSession()
         params = dict(query or {})
         if token is not None:
@@ -47,8 +55,14 @@ class WsClient:
         if protocols is None:
             protocols = ("rtgate.v1.msgpack",) if msgpack_ else ("rtgate.v1.json",)
         try:
-            ws = await session.ws_connect(url, params=params, protocols=protocols,
-                                          headers=headers, autoping=True, max_msg_size=0)
+            ws = await session.ws_connect(
+                url,
+                params=params,
+                protocols=protocols,
+                headers=headers,
+                autoping=True,
+                max_msg_size=0,
+            )
         except BaseException:
             await session.close()
             raise
@@ -96,8 +110,9 @@ class WsClient:
             frame["id"] = id
         await self.send_raw(self.encode(frame))
 
-    async def request(self, kind: str, data: Any = None, timeout: float = TIMEOUT
-                      ) -> dict[str, Any]:
+    async def request(
+        self, kind: str, data: Any = None, timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
         """Send with an id and return the whole ack frame."""
         frame_id = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -111,8 +126,9 @@ class WsClient:
         assert ack["ok"] is True, ack
         return ack["data"]
 
-    async def ok_once_available(self, kind: str, data: Any = None, attempts: int = 100,
-                                pause: float = 0.05) -> Any:
+    async def ok_once_available(
+        self, kind: str, data: Any = None, attempts: int = 100, pause: float = 0.05
+    ) -> Any:
         """Send until the gateway stops answering ``unavailable`` (the backbone is
         coming back); any other error fails the test. Polling is the point here:
         the client has no event for "the stream exists again"."""

@@ -67,16 +67,19 @@ class Store(Protocol):
         """The schema version the database is at."""
 
 
-def pending_migrations(current: int, migrations: Sequence[Sequence[str]]
-                       ) -> list[tuple[int, Sequence[str]]]:
+def pending_migrations(
+    current: int, migrations: Sequence[Sequence[str]]
+) -> list[tuple[int, Sequence[str]]]:
     """The (version, statements) still to apply to a database at ``current``.
 
     Migration ``i`` of the list brings the schema to version ``i + 1``; later
     versions are appended, never edited.
     """
     if current > len(migrations):
-        raise StoreError(f"the database schema is at version {current}, newer than this "
-                         f"rtgate knows ({len(migrations)}); upgrade rtgate")
+        raise StoreError(
+            f"the database schema is at version {current}, newer than this "
+            f"rtgate knows ({len(migrations)}); upgrade rtgate"
+        )
     return [(i + 1, migrations[i]) for i in range(current, len(migrations))]
 
 

@@ -58,8 +58,13 @@ class Cursor:
 
 def encode_cursor(cursor: Cursor) -> str:
     """URL-safe base64 (unpadded) of compact JSON; safe in a query string as it is."""
-    payload = {"v": _VERSION, "k": cursor.channel.kind.value, "c": cursor.channel.id,
-               "e": cursor.epoch, "s": cursor.seq}
+    payload = {
+        "v": _VERSION,
+        "k": cursor.channel.kind.value,
+        "c": cursor.channel.id,
+        "e": cursor.epoch,
+        "s": cursor.seq,
+    }
     raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -68,16 +73,22 @@ def decode_cursor(text: str, channel: Channel) -> Cursor:
     """Parse a client's cursor for ``channel``; ``CursorError`` if it is not one."""
     cursor = _parse(text)
     if cursor.channel != channel:
-        raise CursorError("foreign cursor: it belongs to another channel; "
-                          "use the nextCursor of this channel's own history")
+        raise CursorError(
+            "foreign cursor: it belongs to another channel; "
+            "use the nextCursor of this channel's own history"
+        )
     return cursor
 
 
 def _parse(text: str) -> Cursor:
-    invalid = CursorError("not a valid cursor: pass nextCursor from a previous history page "
-                          "unchanged")
-    if (not isinstance(text, str) or len(text) > MAX_CURSOR_LENGTH
-            or _ALPHABET.fullmatch(text) is None):
+    invalid = CursorError(
+        "not a valid cursor: pass nextCursor from a previous history page unchanged"
+    )
+    if (
+        not isinstance(text, str)
+        or len(text) > MAX_CURSOR_LENGTH
+        or _ALPHABET.fullmatch(text) is None
+    ):
         raise invalid
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -87,8 +98,9 @@ def _parse(text: str) -> Cursor:
     if not isinstance(payload, dict) or set(payload) != _KEYS:
         raise invalid
     if payload["v"] != _VERSION or isinstance(payload["v"], bool):
-        raise CursorError("cursor from another version of rtgate: load history again "
-                          "without a cursor")
+        raise CursorError(
+            "cursor from another version of rtgate: load history again without a cursor"
+        )
     kind, channel_id, epoch, seq = payload["k"], payload["c"], payload["e"], payload["s"]
     if not isinstance(kind, str) or not isinstance(channel_id, str):
         raise invalid

@@ -35,8 +35,7 @@ def parse_epoch(epoch: str) -> int:
 
 def _is_count(value: object, minimum: int) -> bool:
     # bool is an int subclass; True is not a sequence number.
-    return (isinstance(value, int) and not isinstance(value, bool)
-            and minimum <= value <= _MAX_INT64)
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= _MAX_INT64
 
 
 def _check_text(name: str, value: str | None, required: bool) -> None:

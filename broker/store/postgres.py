@@ -60,8 +60,19 @@ _VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_version"
 # Any constant works; it only has to be the same in every replica.
 _MIGRATION_LOCK = 0x72746761746531  # "rtgate1"
 
-_ARRAY_TYPES = ("text", "bigint", "bigint", "bigint", "text", "text", "text", "text", "text",
-                "text", "float8")
+_ARRAY_TYPES = (
+    "text",
+    "bigint",
+    "bigint",
+    "bigint",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "float8",
+)
 # A whole batch is one statement (one round trip, one transaction): each
 # column travels as an array and unnest turns them back into rows.
 _INSERT = (
@@ -77,9 +88,14 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErr
 
 
 class PostgresStore:
-    def __init__(self, dsn: str, pool_size: int = 4, *,
-                 server_settings: Mapping[str, str] | None = None,
-                 connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        pool_size: int = 4,
+        *,
+        server_settings: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self._dsn = dsn
@@ -93,24 +109,32 @@ class PostgresStore:
             raise StoreError("the PostgreSQL store is already open")
         try:
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size,
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
                 timeout=self._connect_timeout,
-                server_settings=self._server_settings or None)
+                server_settings=self._server_settings or None,
+            )
         except Exception as exc:
             # Not the DSN itself: it may hold a password.
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-                await conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                                   "version INTEGER PRIMARY KEY, "
-                                   "applied_at DOUBLE PRECISION NOT NULL)")
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version ("
+                    "version INTEGER PRIMARY KEY, "
+                    "applied_at DOUBLE PRECISION NOT NULL)"
+                )
                 current = await conn.fetchval(_VERSION)
                 for version, statements in pending_migrations(current, MIGRATIONS):
                     for statement in statements:
                         await conn.execute(statement)
-                    await conn.execute("INSERT INTO schema_version (version, applied_at) "
-                                       "VALUES ($1, $2)", version, time.time())
+                    await conn.execute(
+                        "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                        version,
+                        time.time(),
+                    )
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, StoreError) or not isinstance(exc, Exception):

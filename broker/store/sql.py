@@ -23,8 +23,19 @@ from broker.store.channel import Channel, ChannelKind
 from broker.store.cursor import Cursor
 from broker.store.message import StoredMessage
 
-COLUMNS = ("stream", "epoch", "seq", "prev_seq", "subject", "kind", "room_id", "from_user",
-           "to_user", "event", "stored_at")
+COLUMNS = (
+    "stream",
+    "epoch",
+    "seq",
+    "prev_seq",
+    "subject",
+    "kind",
+    "room_id",
+    "from_user",
+    "to_user",
+    "event",
+    "stored_at",
+)
 _SELECT = ", ".join(COLUMNS)
 _NEWEST_FIRST = "ORDER BY epoch DESC, seq DESC"
 
@@ -35,8 +46,7 @@ CHANNEL_INDEXES = (
     "CREATE INDEX messages_room ON messages (room_id, epoch, seq) WHERE room_id IS NOT NULL",
     "CREATE INDEX messages_to_user ON messages (to_user, epoch, seq) WHERE to_user IS NOT NULL",
     # Direct messages by sender.
-    "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq)"
-    " WHERE to_user IS NOT NULL",
+    "CREATE INDEX messages_from_user ON messages (from_user, epoch, seq) WHERE to_user IS NOT NULL",
 )
 # Migration 2. History items carry prevOffset: the previous message on the
 # same subject, found by one probe of this index.
@@ -71,8 +81,9 @@ def _older(args: _Args, cursor: Cursor | None) -> str:
     return f" AND (epoch, seq) < ({args.add(epoch)}, {args.add(seq)})"
 
 
-def page_statement(channel: Channel, cursor: Cursor | None, rows: int,
-                   placeholder: Placeholder) -> tuple[str, list[Any]]:
+def page_statement(
+    channel: Channel, cursor: Cursor | None, rows: int, placeholder: Placeholder
+) -> tuple[str, list[Any]]:
     """SELECT of up to ``rows`` messages of ``channel`` below ``cursor``, newest first."""
     args = _Args(placeholder)
     if channel.kind is ChannelKind.DIRECT:
@@ -82,13 +93,15 @@ def page_statement(channel: Channel, cursor: Cursor | None, rows: int,
         # Two index-ordered scans, each already limited, merged: an OR over
         # two columns would read and sort every message the user ever had. A
         # message to oneself is taken from the received side only.
-        sql = (f"SELECT {_SELECT} FROM (SELECT {_SELECT} FROM messages"
-               f" WHERE to_user = {user}{older} {_NEWEST_FIRST} LIMIT {limit}) AS received"
-               f" UNION ALL"
-               f" SELECT {_SELECT} FROM (SELECT {_SELECT} FROM messages"
-               f" WHERE from_user = {user} AND to_user <> {user}{older}"
-               f" {_NEWEST_FIRST} LIMIT {limit}) AS sent"
-               f" {_NEWEST_FIRST} LIMIT {limit}")
+        sql = (
+            f"SELECT {_SELECT} FROM (SELECT {_SELECT} FROM messages"
+            f" WHERE to_user = {user}{older} {_NEWEST_FIRST} LIMIT {limit}) AS received"
+            f" UNION ALL"
+            f" SELECT {_SELECT} FROM (SELECT {_SELECT} FROM messages"
+            f" WHERE from_user = {user} AND to_user <> {user}{older}"
+            f" {_NEWEST_FIRST} LIMIT {limit}) AS sent"
+            f" {_NEWEST_FIRST} LIMIT {limit}"
+        )
         return sql, args.values
     where = _channel_filter(args, channel) + _older(args, cursor)
     sql = f"SELECT {_SELECT} FROM messages WHERE {where} {_NEWEST_FIRST} LIMIT {args.add(rows)}"
@@ -104,29 +117,32 @@ def _channel_filter(args: _Args, channel: Channel) -> str:
     return f"stream = {args.add(channel.stream)}"
 
 
-def count_statement(channel: Channel | None, placeholder: Placeholder
-                    ) -> tuple[str, list[Any]]:
+def count_statement(channel: Channel | None, placeholder: Placeholder) -> tuple[str, list[Any]]:
     if channel is None:
         return "SELECT COUNT(*) FROM messages", []
     args = _Args(placeholder)
     return f"SELECT COUNT(*) FROM messages WHERE {_channel_filter(args, channel)}", args.values
 
 
-def persisted_statement(stream: str, epoch: int, placeholder: Placeholder
-                        ) -> tuple[str, list[Any]]:
+def persisted_statement(stream: str, epoch: int, placeholder: Placeholder) -> tuple[str, list[Any]]:
     # Served by the primary key (stream, epoch, seq): one index probe.
     args = _Args(placeholder)
-    sql = (f"SELECT COALESCE(MAX(seq), 0) FROM messages"
-           f" WHERE stream = {args.add(stream)} AND epoch = {args.add(epoch)}")
+    sql = (
+        f"SELECT COALESCE(MAX(seq), 0) FROM messages"
+        f" WHERE stream = {args.add(stream)} AND epoch = {args.add(epoch)}"
+    )
     return sql, args.values
 
 
-def prev_statement(subject: str, epoch: int, seq: int, placeholder: Placeholder
-                   ) -> tuple[str, list[Any]]:
+def prev_statement(
+    subject: str, epoch: int, seq: int, placeholder: Placeholder
+) -> tuple[str, list[Any]]:
     # Served by messages_subject (subject, epoch, seq): one index probe.
     args = _Args(placeholder)
-    sql = (f"SELECT COALESCE(MAX(seq), 0) FROM messages WHERE subject = {args.add(subject)}"
-           f" AND epoch = {args.add(epoch)} AND seq < {args.add(seq)}")
+    sql = (
+        f"SELECT COALESCE(MAX(seq), 0) FROM messages WHERE subject = {args.add(subject)}"
+        f" AND epoch = {args.add(epoch)} AND seq < {args.add(seq)}"
+    )
     return sql, args.values
 
 
@@ -148,14 +164,35 @@ def encode_event(event: dict[str, Any]) -> str:
 
 def row_values(message: StoredMessage) -> tuple[Any, ...]:
     """A message as column values in ``COLUMNS`` order."""
-    return (message.stream, int(message.epoch), message.seq, message.prev_seq,
-            message.subject, message.kind, message.room_id, message.from_user,
-            message.to_user, encode_event(message.event), message.stored_at)
+    return (
+        message.stream,
+        int(message.epoch),
+        message.seq,
+        message.prev_seq,
+        message.subject,
+        message.kind,
+        message.room_id,
+        message.from_user,
+        message.to_user,
+        encode_event(message.event),
+        message.stored_at,
+    )
 
 
 def message_from_row(row: Sequence[Any]) -> StoredMessage:
-    (stream, epoch, seq, prev_seq, subject, kind, room_id, from_user, to_user, event,
-     stored_at) = row
-    return StoredMessage(stream=stream, epoch=str(epoch), seq=int(seq), prev_seq=int(prev_seq),
-                         subject=subject, kind=kind, room_id=room_id, from_user=from_user,
-                         to_user=to_user, event=json.loads(event), stored_at=float(stored_at))
+    (stream, epoch, seq, prev_seq, subject, kind, room_id, from_user, to_user, event, stored_at) = (
+        row
+    )
+    return StoredMessage(
+        stream=stream,
+        epoch=str(epoch),
+        seq=int(seq),
+        prev_seq=int(prev_seq),
+        subject=subject,
+        kind=kind,
+        room_id=room_id,
+        from_user=from_user,
+        to_user=to_user,
+        event=json.loads(event),
+        stored_at=float(stored_at),
+    )

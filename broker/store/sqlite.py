@@ -63,9 +63,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 # ON CONFLICT on the key only: INSERT OR IGNORE would also swallow a NOT NULL
 # violation, silently dropping a message the broker then acks.
-_INSERT = (f"INSERT INTO messages ({', '.join(sql.COLUMNS)})"
-           f" VALUES ({', '.join(sql.question(i + 1) for i in range(len(sql.COLUMNS)))})"
-           f" ON CONFLICT (stream, epoch, seq) DO NOTHING")
+_INSERT = (
+    f"INSERT INTO messages ({', '.join(sql.COLUMNS)})"
+    f" VALUES ({', '.join(sql.question(i + 1) for i in range(len(sql.COLUMNS)))})"
+    f" ON CONFLICT (stream, epoch, seq) DO NOTHING"
+)
 
 
 class SqliteStore:
@@ -146,8 +148,10 @@ class SqliteStore:
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise StoreError(f"cannot use WAL mode for the SQLite store {self.path} "
-                                 f"(got {mode}); put it on a local file system")
+                raise StoreError(
+                    f"cannot use WAL mode for the SQLite store {self.path} "
+                    f"(got {mode}); put it on a local file system"
+                )
             conn.execute("PRAGMA synchronous=NORMAL")
             # Someone reading the file (a backup, the CLI) may hold a lock briefly.
             conn.execute("PRAGMA busy_timeout=5000")
@@ -168,19 +172,22 @@ def _write(conn: sqlite3.Connection, messages: Sequence[StoredMessage]) -> int:
 
 
 def _version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-               .fetchone()[0])
+    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
     with _transaction(conn):
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                     "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
         for version, statements in pending_migrations(_version(conn), MIGRATIONS):
             for statement in statements:
                 conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                         (version, time.time()))
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ class Backoff:
         # factor ** exponent overflows a float long before an infinite client gives up.
         if exponent > 1000:
             return self.cap
-        return min(self.cap, self.base * self.factor ** exponent)
+        return min(self.cap, self.base * self.factor**exponent)
 
     def delay(self, attempt: int, random: Random) -> float:
         return random() * self.ceiling(attempt)

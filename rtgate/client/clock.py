@@ -70,8 +70,9 @@ class ManualClock:
             if not fut.done():
                 fut.set_result(None)
 
-    async def wait_for_sleeper(self, duration: float, timeout: float = 5.0,
-                               tolerance: float = 1e-9) -> None:
+    async def wait_for_sleeper(
+        self, duration: float, timeout: float = 5.0, tolerance: float = 1e-9
+    ) -> None:
         """Wait (in real time) until someone sleeps for ``duration`` from now."""
         async with asyncio.timeout(timeout):
             while not any(abs(t - self._now - duration) <= tolerance for t in self.sleeping()):

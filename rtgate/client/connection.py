@@ -43,9 +43,18 @@ TokenProvider = Callable[[], Awaitable[str] | str]
 # Stored by the server, deduplicated by clientId: safe to send again within the window.
 DURABLE_TYPES = frozenset({"chat:message", "direct:message", "broadcast:global"})
 # Reads and memberships: sending them twice does no harm.
-IDEMPOTENT_TYPES = frozenset({"room:join", "room:leave", "history", "presence",
-                              "presence:users", "presence:subscribe", "presence:unsubscribe",
-                              "ping"})
+IDEMPOTENT_TYPES = frozenset(
+    {
+        "room:join",
+        "room:leave",
+        "history",
+        "presence",
+        "presence:users",
+        "presence:subscribe",
+        "presence:unsubscribe",
+        "ping",
+    }
+)
 # A resume or a gap fill may replay thousands of messages before its ack.
 RECOVERY_TIMEOUT = 30.0
 
@@ -231,8 +240,9 @@ class Client:
             raise ConnectionClosed("the client is closed")
         if self._first is None:
             self._first = asyncio.get_running_loop().create_future()
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._connect_timeout))
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
+            )
             self._run_task = asyncio.get_running_loop().create_task(self._run())
         return await asyncio.shield(self._first)
 
@@ -293,8 +303,13 @@ class Client:
                     return
                 attempt = 1 if ended.welcomed else attempt + 1
                 decision = policy.decide(
-                    ended.code, attempt, backoff=self._backoff, random=self._random,
-                    after_ms=ended.after_ms, can_refresh=self._provider is not None)
+                    ended.code,
+                    attempt,
+                    backoff=self._backoff,
+                    random=self._random,
+                    after_ms=ended.after_ms,
+                    can_refresh=self._provider is not None,
+                )
                 if not decision.reconnect:
                     if decision.exhausted:
                         self._emit("reconnect_failed", {"attempts": attempt - 1})
@@ -303,13 +318,21 @@ class Client:
                 if decision.new_token:
                     self._token = None
                 if ended.welcomed:
-                    self._emit("disconnect", {"code": ended.code, "reason": ended.reason,
-                                              "willReconnect": True})
+                    self._emit(
+                        "disconnect",
+                        {"code": ended.code, "reason": ended.reason, "willReconnect": True},
+                    )
                 if self._welcome is not None:
                     self._set_state("reconnecting")
                 index += 1
-                self._emit("reconnecting", {"attempt": attempt, "delay": decision.delay,
-                                            "url": self._urls[index % len(self._urls)]})
+                self._emit(
+                    "reconnecting",
+                    {
+                        "attempt": attempt,
+                        "delay": decision.delay,
+                        "url": self._urls[index % len(self._urls)],
+                    },
+                )
                 await self._clock.sleep(decision.delay)
         except asyncio.CancelledError:
             raise
@@ -336,8 +359,13 @@ class Client:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ws = await self._http.ws_connect(
-                    url, protocols=(codec.SUBPROTOCOLS[self._format],), autoping=True,
-                    heartbeat=self._heartbeat, max_msg_size=0, headers=self._headers)
+                    url,
+                    protocols=(codec.SUBPROTOCOLS[self._format],),
+                    autoping=True,
+                    heartbeat=self._heartbeat,
+                    max_msg_size=0,
+                    headers=self._headers,
+                )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             # A refused handshake (HTTP 503 while draining, 429, ...) or no server.
             return _Ended(None, f"could not connect to {url}: {exc}")
@@ -431,9 +459,12 @@ class Client:
         limits = welcome.get("limits") if isinstance(welcome.get("limits"), dict) else {}
         assert isinstance(limits, dict)
         now = self._clock.now()
-        self._outbox.configure(now, _number(limits.get("ratePerSecond")),
-                               _number(limits.get("rateBurst")),
-                               _number(welcome.get("dedupWindowSeconds")))
+        self._outbox.configure(
+            now,
+            _number(limits.get("ratePerSecond")),
+            _number(limits.get("rateBurst")),
+            _number(welcome.get("dedupWindowSeconds")),
+        )
         self._outbox.spend(now)  # the auth frame
         self._set_state("connected")
         self._emit("connect", welcome)
@@ -456,8 +487,9 @@ class Client:
                     attempt += 1
                     await self._clock.sleep(self._backoff.delay(attempt, self._random))
                     continue
-                self._settled(conn, self._recovery.resume_failed(
-                    {"code": exc.code, "message": exc.message}))
+                self._settled(
+                    conn, self._recovery.resume_failed({"code": exc.code, "message": exc.message})
+                )
                 break
             self._settled(conn, self._recovery.resume_result(ack))
             break
@@ -498,8 +530,10 @@ class Client:
                 if exc.code in ("unavailable", "timeout", "rate_limited"):
                     attempt += 1
                     continue
-                self._settled(conn, self._recovery.fill_failed(
-                    fill, {"code": exc.code, "message": exc.message}))
+                self._settled(
+                    conn,
+                    self._recovery.fill_failed(fill, {"code": exc.code, "message": exc.message}),
+                )
                 return
             settled = self._recovery.fill_result(fill, ack)
             retry, settled.retry = settled.retry, []
@@ -565,8 +599,9 @@ class Client:
             # re-join keeps it in (docs/protocol.md, room:join).
             if room is not None and self._recovery.position(room_channel(room)) is None:
                 self._recovery.forget(room)
-        self._fail(p.future, RtgateError(str(error.get("code", "internal")),
-                                         str(error.get("message", ""))))
+        self._fail(
+            p.future, RtgateError(str(error.get("code", "internal")), str(error.get("message", "")))
+        )
 
     def _acked(self, entry: Entry, data: Any) -> None:
         """What the client learns from the application's own requests."""
@@ -579,8 +614,9 @@ class Client:
 
     # -- outbound -----------------------------------------------------------------
 
-    async def _internal(self, conn: _Conn, kind: str, data: Any,
-                        timeout: float | None = None) -> Any:
+    async def _internal(
+        self, conn: _Conn, kind: str, data: Any, timeout: float | None = None
+    ) -> Any:
         """A frame of the client's own, outside the queue (but paid for in its bucket)."""
         frame_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -630,9 +666,13 @@ class Client:
         while True:
             take = self._outbox.take(self._clock.now())
             for entry in take.expired:
-                self._fail_entry(entry, DedupWindowExpired(
-                    f"{entry.type} was first sent longer ago than the server's dedup window; "
-                    "not sent again, it may or may not have been stored"))
+                self._fail_entry(
+                    entry,
+                    DedupWindowExpired(
+                        f"{entry.type} was first sent longer ago than the server's dedup window; "
+                        "not sent again, it may or may not have been stored"
+                    ),
+                )
             if take.entry is not None:
                 await self._send_entry(conn, take.entry)
             elif take.wait is not None:
@@ -653,14 +693,16 @@ class Client:
         if entry.ack:
             frame_id = next(self._ids)
             frame["id"] = frame_id
-            future = entry.handle if isinstance(entry.handle, asyncio.Future) else \
-                asyncio.get_running_loop().create_future()
+            future = (
+                entry.handle
+                if isinstance(entry.handle, asyncio.Future)
+                else asyncio.get_running_loop().create_future()
+            )
             p = _Pending(entry.type, future, entry, entry.data)
             self._pending[frame_id] = p
             self._arm(frame_id, p, entry.timeout or self._request_timeout)
         await self._write(conn, frame)
-        if not entry.ack and isinstance(entry.handle, asyncio.Future) \
-                and not entry.handle.done():
+        if not entry.ack and isinstance(entry.handle, asyncio.Future) and not entry.handle.done():
             entry.handle.set_result(None)
 
     def _enqueue(self, entry: Entry) -> None:
@@ -671,9 +713,13 @@ class Client:
 
     def _overflowed(self, dropped: list[Entry]) -> None:
         for entry in dropped:
-            self._fail_entry(entry, QueueOverflow(
-                f"the offline queue holds {self._outbox.limit} frames; this {entry.type}, "
-                "the oldest, was dropped"))
+            self._fail_entry(
+                entry,
+                QueueOverflow(
+                    f"the offline queue holds {self._outbox.limit} frames; this {entry.type}, "
+                    "the oldest, was dropped"
+                ),
+            )
             self._emit("queue_overflow", {"dropped": self._outbox.dropped, "type": entry.type})
 
     def _fail_entry(self, entry: Entry, exc: RtgateError) -> None:
@@ -692,13 +738,18 @@ class Client:
         if durable and isinstance(data, dict) and "clientId" not in data:
             data = {**data, "clientId": uuid.uuid4().hex}
         # The protocol asks for an id on every durable frame: its failure has no other way back.
-        return Entry(kind, data, ack=ack or durable, durable=durable,
-                     idempotent=kind in IDEMPOTENT_TYPES, timeout=timeout)
+        return Entry(
+            kind,
+            data,
+            ack=ack or durable,
+            durable=durable,
+            idempotent=kind in IDEMPOTENT_TYPES,
+            timeout=timeout,
+        )
 
     # -- requests -----------------------------------------------------------------
 
-    async def request(self, kind: str, data: Any = None, *, timeout: float | None = None
-                      ) -> Any:
+    async def request(self, kind: str, data: Any = None, *, timeout: float | None = None) -> Any:
         """Send a frame and return its ack's ``data``; RtgateError with the server's code
         on an error ack. Queued while offline; ``timeout`` (default ``request_timeout``)
         counts from when the frame is written."""
@@ -743,8 +794,14 @@ class Client:
         self._throttle.forget(room_id)
         return await self.request("room:leave", {"roomId": room_id}, timeout=timeout)
 
-    async def send_message(self, room_id: str, content: str, *, client_id: str | None = None,
-                           timeout: float | None = None) -> Any:
+    async def send_message(
+        self,
+        room_id: str,
+        content: str,
+        *,
+        client_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """A durable chat message; returns the stored message (the ack's ``message``)."""
         data: dict[str, Any] = {"roomId": room_id, "content": content}
         if client_id is not None:
@@ -752,16 +809,23 @@ class Client:
         ack = await self.request("chat:message", data, timeout=timeout)
         return ack.get("message") if isinstance(ack, dict) else ack
 
-    async def direct(self, user_id: str, content: str, *, client_id: str | None = None,
-                     timeout: float | None = None) -> Any:
+    async def direct(
+        self,
+        user_id: str,
+        content: str,
+        *,
+        client_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         data: dict[str, Any] = {"toUserId": user_id, "content": content}
         if client_id is not None:
             data["clientId"] = client_id
         ack = await self.request("direct:message", data, timeout=timeout)
         return ack.get("message") if isinstance(ack, dict) else ack
 
-    async def broadcast(self, content: str, *, client_id: str | None = None,
-                        timeout: float | None = None) -> Any:
+    async def broadcast(
+        self, content: str, *, client_id: str | None = None, timeout: float | None = None
+    ) -> Any:
         """A global message to everyone (admin tokens only)."""
         data: dict[str, Any] = {"content": content}
         if client_id is not None:
@@ -769,9 +833,16 @@ class Client:
         ack = await self.request("broadcast:global", data, timeout=timeout)
         return ack.get("message") if isinstance(ack, dict) else ack
 
-    async def room_event(self, room_id: str, event: str, data: Any = None, *,
-                         durable: bool = False, client_id: str | None = None,
-                         timeout: float | None = None) -> Any:
+    async def room_event(
+        self,
+        room_id: str,
+        event: str,
+        data: Any = None,
+        *,
+        durable: bool = False,
+        client_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         payload: dict[str, Any] = {"roomId": room_id, "event": event, "data": data}
         if durable:
             payload["durable"] = True
@@ -797,9 +868,15 @@ class Client:
         if value is not None and self._state == "connected":
             self.emit("chat:typing", {"roomId": room_id, "isTyping": value})
 
-    async def history(self, room: str | None = None, *, direct: bool = False,
-                      cursor: str | None = None, limit: int | None = None,
-                      timeout: float | None = None) -> Any:
+    async def history(
+        self,
+        room: str | None = None,
+        *,
+        direct: bool = False,
+        cursor: str | None = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """A page of stored messages, newest first: ``{items, nextCursor?}``."""
         data: dict[str, Any] = {"direct": True} if direct else {"roomId": room}
         if not direct and room is None:
@@ -810,8 +887,14 @@ class Client:
             data["limit"] = limit
         return await self.request("history", data, timeout=timeout)
 
-    async def presence(self, room_id: str, *, cursor: str | None = None,
-                       limit: int | None = None, timeout: float | None = None) -> Any:
+    async def presence(
+        self,
+        room_id: str,
+        *,
+        cursor: str | None = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """A room's members: ``{roomId, members, count, cursor?}``."""
         data: dict[str, Any] = {"roomId": room_id}
         if cursor is not None:
@@ -820,22 +903,24 @@ class Client:
             data["limit"] = limit
         return await self.request("presence", data, timeout=timeout)
 
-    async def presence_users(self, user_ids: Sequence[str], *, timeout: float | None = None
-                             ) -> Any:
-        return await self.request("presence:users", {"userIds": list(user_ids)},
-                                  timeout=timeout)
+    async def presence_users(self, user_ids: Sequence[str], *, timeout: float | None = None) -> Any:
+        return await self.request("presence:users", {"userIds": list(user_ids)}, timeout=timeout)
 
-    async def presence_subscribe(self, user_ids: Sequence[str], *,
-                                 timeout: float | None = None) -> Any:
+    async def presence_subscribe(
+        self, user_ids: Sequence[str], *, timeout: float | None = None
+    ) -> Any:
         """Watch users: ``user:online`` / ``user:offline`` from now on, renewed after every
         reconnect."""
-        return await self.request("presence:subscribe", {"userIds": list(user_ids)},
-                                  timeout=timeout)
+        return await self.request(
+            "presence:subscribe", {"userIds": list(user_ids)}, timeout=timeout
+        )
 
-    async def presence_unsubscribe(self, user_ids: Sequence[str], *,
-                                   timeout: float | None = None) -> Any:
-        return await self.request("presence:unsubscribe", {"userIds": list(user_ids)},
-                                  timeout=timeout)
+    async def presence_unsubscribe(
+        self, user_ids: Sequence[str], *, timeout: float | None = None
+    ) -> Any:
+        return await self.request(
+            "presence:unsubscribe", {"userIds": list(user_ids)}, timeout=timeout
+        )
 
     async def ping(self, data: Any = None, *, timeout: float | None = None) -> Any:
         return await self.request("ping", data, timeout=timeout)

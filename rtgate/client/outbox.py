@@ -110,12 +110,14 @@ class Outbox:
     def entries(self) -> list[Entry]:
         return list(self._queue)
 
-    def configure(self, now: float, rate: float | None, burst: float | None,
-                  dedup_window: float | None) -> None:
+    def configure(
+        self, now: float, rate: float | None, burst: float | None, dedup_window: float | None
+    ) -> None:
         """Adopt a new connection's ``welcome``: its server bucket starts full."""
         if rate is not None and rate > 0 and burst is not None and burst >= 1:
-            self._bucket = TokenBucket(rate * RATE_SHARE, max(1.0, float(int(burst * BURST_SHARE))),
-                                       now)
+            self._bucket = TokenBucket(
+                rate * RATE_SHARE, max(1.0, float(int(burst * BURST_SHARE))), now
+            )
         else:
             self._bucket = None
         self._dedup_window = dedup_window

@@ -60,8 +60,15 @@ class Decision:
     exhausted: bool = False
 
 
-def decide(code: int | None, attempt: int, *, backoff: Backoff, random: Random,
-           after_ms: int | None = None, can_refresh: bool = False) -> Decision:
+def decide(
+    code: int | None,
+    attempt: int,
+    *,
+    backoff: Backoff,
+    random: Random,
+    after_ms: int | None = None,
+    can_refresh: bool = False,
+) -> Decision:
     """Whether and when to make attempt ``attempt`` (1 for the first after a connection
     was lost; the count restarts after each ``welcome``)."""
     how = rule(code)

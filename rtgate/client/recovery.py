@@ -25,8 +25,9 @@ DIRECT = "direct"
 GLOBAL = "global"
 ROOM_PREFIX = "room:"
 SEEN_PER_CHANNEL = 1000
-STORED_TYPES = frozenset({"chat:message", "chat:message:sent", "room:event", "direct:message",
-                          "global:message"})
+STORED_TYPES = frozenset(
+    {"chat:message", "chat:message:sent", "room:event", "direct:message", "global:message"}
+)
 
 Frame = tuple[str, dict[str, Any]]
 
@@ -36,7 +37,7 @@ def room_channel(room_id: str) -> str:
 
 
 def room_of(channel: str) -> str | None:
-    return channel[len(ROOM_PREFIX):] if channel.startswith(ROOM_PREFIX) else None
+    return channel[len(ROOM_PREFIX) :] if channel.startswith(ROOM_PREFIX) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,8 +53,12 @@ class Position:
         if not isinstance(value, dict):
             return None
         offset, epoch = value.get("offset"), value.get("epoch")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 \
-                or not isinstance(epoch, str):
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, int)
+            or offset < 0
+            or not isinstance(epoch, str)
+        ):
             return None
         return cls(offset, epoch)
 
@@ -179,8 +184,11 @@ class Recovery:
 
     def positions(self) -> dict[str, dict[str, Any]]:
         """Every known position, keyed by channel; ``load`` takes it back."""
-        out = {room_channel(r): c.position.wire() for r, c in self._rooms.items()
-               if c.position is not None}
+        out = {
+            room_channel(r): c.position.wire()
+            for r, c in self._rooms.items()
+            if c.position is not None
+        }
         for name, channel in ((DIRECT, self._direct), (GLOBAL, self._global)):
             if channel.position is not None:
                 out[name] = channel.position.wire()
@@ -291,8 +299,7 @@ class Recovery:
         """The whole ``resume`` was refused for good (not ``unavailable``)."""
         settled = Settled()
         for name, sent in self._resuming.items():
-            self._settle(name, sent, {"recovered": False, "error": error}, settled,
-                         retry=False)
+            self._settle(name, sent, {"recovered": False, "error": error}, settled, retry=False)
         self._resuming = {}
         return settled
 
@@ -306,8 +313,9 @@ class Recovery:
         self._settle(fill.channel, fill.since, {"recovered": False, "error": error}, settled)
         return settled
 
-    def _settle(self, name: str, sent: Position | None, entry: Any, settled: Settled,
-                retry: bool = True) -> None:
+    def _settle(
+        self, name: str, sent: Position | None, entry: Any, settled: Settled, retry: bool = True
+    ) -> None:
         channel = self._channel(name)
         if channel is None:
             return  # left meanwhile
@@ -333,12 +341,19 @@ class Recovery:
             channel.advance(reached)
         missed = entry.get("missed", 0)
         recovered = entry.get("recovered") is True
-        if not recovered and sent is not None and sent.offset == 0 and reached is not None \
-                and reached.offset == 0 and (not sent.epoch or sent.epoch == reached.epoch):
+        if (
+            not recovered
+            and sent is not None
+            and sent.offset == 0
+            and reached is not None
+            and reached.offset == 0
+            and (not sent.epoch or sent.epoch == reached.epoch)
+        ):
             recovered = True  # nothing was stored there, then or now: nothing was missed
         if sent is not None or room_of(name) is not None:
-            settled.events.append(_event(name, recovered=recovered,
-                                         missed=missed if isinstance(missed, int) else 0))
+            settled.events.append(
+                _event(name, recovered=recovered, missed=missed if isinstance(missed, int) else 0)
+            )
         self._release(channel, settled)
 
     def _release(self, channel: _Channel, settled: Settled) -> None:

@@ -26,7 +26,7 @@ class Watches:
 
     def chunks(self) -> list[list[str]]:
         users = self.users
-        return [users[i:i + CHUNK] for i in range(0, len(users), CHUNK)]
+        return [users[i : i + CHUNK] for i in range(0, len(users), CHUNK)]
 
     def subscribed(self, user_ids: Any, ack: Any) -> None:
         online = ack.get("online") if isinstance(ack, dict) else None
@@ -62,7 +62,10 @@ class Watches:
             self._online[user] = state
             if before is None or before == state:
                 continue
-            data: dict[str, Any] = {"userId": user, "username": self._names.get(user, user),
-                                    "resubscribed": True}
+            data: dict[str, Any] = {
+                "userId": user,
+                "username": self._names.get(user, user),
+                "resubscribed": True,
+            }
             events.append(("user:online" if state else "user:offline", data))
         return events

@@ -137,6 +137,10 @@ class PresenceSettings:
     direct_messages: str = "all"
     # Users one connection may watch with presence:subscribe.
     max_watched: int = 100
+    # Gateways: how often they check what their watchers were told against the
+    # presence service (events are at most once); 0 checks only after a NATS
+    # reconnect or a takeover.
+    recheck_seconds: float = 30.0
     # Broker: the lease that makes one presence service active; a standby takes
     # over within about this long after the active one dies.
     lease_ttl_seconds: int = 6
@@ -151,6 +155,7 @@ class PresenceSettings:
         require(self.heartbeat_seconds > 0, "presence.heartbeat_seconds must be > 0")
         require(self.missed_heartbeats >= 1, "presence.missed_heartbeats must be >= 1")
         require(self.grace_seconds >= 0, "presence.grace_seconds must be >= 0")
+        require(self.recheck_seconds >= 0, "presence.recheck_seconds must be >= 0")
         require(
             self.visibility in PRESENCE_POLICIES,
             f"presence.visibility must be {' or '.join(PRESENCE_POLICIES)}",

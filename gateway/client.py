@@ -8,6 +8,7 @@ when the PubAck arrives, through a future callback rather than a task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import time
@@ -656,11 +657,15 @@ class Client:
         if self.conn_id not in node.hub.connections:
             raise ProtocolError(ErrorCode.UNAVAILABLE, "connection closed")  # gone meanwhile
         node.presence.watch(self, new)
+        since = node.presence.mark()
         try:
             online = await node.presence.visible(self.user_id, users, "all")
         except ProtocolError:
             node.presence.unwatch(self, new)
             raise
+        # Other watchers of these users may have missed an event the answer shows.
+        with contextlib.suppress(ProtocolError):
+            await node.presence.observed(online, since, asker=self)
         return {"online": online, "watching": len(self.watching or ())}
 
     async def on_presence_unsubscribe(self, frame: protocol.Frame) -> Any:

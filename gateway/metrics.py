@@ -104,6 +104,11 @@ class GatewayMetrics:
             "Stored messages the gateway read from the stream because republish missed them",
             registry=registry,
         )
+        self.presence_corrected = Counter(
+            "rtgate_presence_corrections",
+            "user:online/offline told to watchers by a check: the event was missed",
+            registry=registry,
+        )
         self.presence_fenced = Counter(
             "rtgate_presence_fenced",
             "Presence messages dropped: from a replaced presence service (older fencing token)",

@@ -87,6 +87,7 @@ class Node:
             lambda members, event: self.hub.deliver_event(members, event),
             lambda: self.hub.authenticated,
             self.metrics.presence_fenced.inc,
+            self.metrics.presence_corrected.inc,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -283,6 +284,8 @@ class Node:
         except Exception as exc:
             log.error("stream provisioning after reconnect failed", error=repr(exc))
         self.metrics.nats_connected.set(1)
+        # Presence events sent while we were away are lost: check with the service.
+        self.presence.recheck()
 
     async def _on_control(self, msg: Msg) -> None:
         """Commands from backend services: ``{"type": "disconnect", "code", "reason"}``."""

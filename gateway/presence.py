@@ -11,7 +11,10 @@
   changes sent before it.
 * Watch: ``presence:subscribe`` registers a connection as a watcher of users;
   ``user:online``/``user:offline`` arrive on one wildcard subscription per
-  gateway and go to the local watchers only.
+  gateway and go to the local watchers only. Those events are at most once,
+  so the link checks what its watchers saw against the service
+  (``WatchView``) after a NATS reconnect, after a takeover, and every
+  ``recheck_seconds``, and tells them what they missed.
 * Ask: queries go to the service by request/reply; no answer is
   ``unavailable``, never an empty list.
 * Fence: everything the service publishes carries its lease revision; events
@@ -39,6 +42,7 @@ from broker.presence_state import GatewayDigest
 from broker.settings import PresenceSettings
 from gateway.errors import ErrorCode, ProtocolError, raise_for_reply
 from gateway.publisher import unavailable
+from gateway.watchview import WatchView
 
 if TYPE_CHECKING:
     from gateway.client import Client
@@ -47,6 +51,11 @@ log = structlog.get_logger("rtgate.presence")
 
 # Changes per message; a burst (a drain, a reconnect wave) goes out in chunks.
 _BATCH = 500
+# Users per query when checking what watchers saw (the service's limit).
+_CHECK_PAGE = 100
+_MAX_RETRY_SECONDS = 30.0
+# The watched states the events announce.
+_STATES = {"user:online": True, "user:offline": False}
 
 
 class PresenceLink:
@@ -59,6 +68,7 @@ class PresenceLink:
         deliver: Callable[[set[Client], dict[str, Any]], None],
         clients: Callable[[], Iterable[Client]],
         on_fenced: Callable[[], None] | None = None,
+        on_corrected: Callable[[], None] | None = None,
     ) -> None:
         self._gateway = gateway_id
         self._settings = settings
@@ -77,6 +87,9 @@ class PresenceLink:
         # it knew at once, instead of at the first heartbeat.
         self._sync_wanted = True
         self._watchers: dict[str, set[Client]] = {}
+        self._view = WatchView()
+        self._on_corrected = on_corrected
+        self._recheck = asyncio.Event()
         self._subs: list[Subscription] = []
         # The newest fencing token seen.
         self.revision = 0
@@ -96,16 +109,23 @@ class PresenceLink:
             if not self.accept(msg):
                 return
             try:
-                targets = watchers.get(subjects.decode_token(msg.subject[prefix:]))
+                user = subjects.decode_token(msg.subject[prefix:])
             except (ValueError, UnicodeDecodeError):
                 return
+            targets = watchers.get(user)
             if not targets:
                 return
             try:
                 event = json.loads(msg.data)
-            except ValueError:
+                kind, data = event["type"], event["data"]
+                username = data.get("username")
+            except (ValueError, TypeError, KeyError, AttributeError):
                 log.warning("malformed presence event", subject=msg.subject[:200])
                 return
+            if kind in _STATES and not self._view.event(
+                user, _STATES[kind], username if isinstance(username, str) else None
+            ):
+                return  # watchers already see this (a check told them)
             self._deliver(targets, event)
 
         async def on_sync_request(msg: Msg) -> None:
@@ -120,6 +140,7 @@ class PresenceLink:
             await nc.subscribe(subjects.presence_sync_subject(self._gateway), cb=on_sync_request),
         ]
         self._background.spawn(self._report())
+        self._background.spawn(self._check_watched())
 
     # -- fencing -------------------------------------------------------------
 
@@ -145,7 +166,7 @@ class PresenceLink:
             known=self.revision,
             new=revision,
         )
-        self.revision = revision
+        self._new_service(revision)
         return True
 
     def accept_revision(self, raw: str) -> bool:
@@ -157,8 +178,16 @@ class PresenceLink:
             if self._on_fenced is not None:
                 self._on_fenced()
             return False
-        self.revision = revision
+        if revision > self.revision:
+            self._new_service(revision)
         return True
+
+    def _new_service(self, revision: int) -> None:
+        # A former service may have died between journaling a change and
+        # publishing it: the new one counts it as told. Check with it.
+        if self.revision:
+            self.recheck()
+        self.revision = revision
 
     # -- reporting (called by the hub; never awaits) ---------------------------
     # The hub calls each exactly once per change: a connection authenticated,
@@ -264,7 +293,11 @@ class PresenceLink:
             watching = client.watching = set()
         for user in users:
             watching.add(user)
-            self._watchers.setdefault(user, set()).add(client)
+            clients = self._watchers.get(user)
+            if clients is None:
+                clients = self._watchers[user] = set()
+                self._view.track(user)
+            clients.add(client)
 
     def unwatch(self, client: Client, users: list[str] | None = None) -> None:
         """Stop watching ``users`` (all when None)."""
@@ -278,8 +311,85 @@ class PresenceLink:
                 clients.discard(client)
                 if not clients:
                     del self._watchers[user]
+                    self._view.forget(user)
         if not watching:
             client.watching = None
+
+    # -- checking what watchers saw ---------------------------------------------
+
+    def recheck(self) -> None:
+        """Check every watched user with the service soon (NATS came back, a new
+        service took over)."""
+        self._recheck.set()
+
+    def mark(self) -> int:
+        """Before asking for watched users' state: pass it to ``observed``."""
+        return self._view.mark()
+
+    async def observed(
+        self, online: dict[str, bool], since: int, asker: Client | None = None
+    ) -> None:
+        """The service's answer about watched users, asked at ``since``: watchers
+        whose view it contradicts are told (except ``asker``, whose ack says it)."""
+        for user, is_online in online.items():
+            if not isinstance(is_online, bool) or not self._view.differs(user, is_online, since):
+                continue
+            username: str | None = None
+            sockets = 1
+            if is_online:
+                # An online event names the user and counts their sockets.
+                detail = await self.ask({"op": "user", "userId": user})
+                is_online = detail.get("online") is True
+                username = (
+                    detail.get("username") if isinstance(detail.get("username"), str) else None
+                )
+                count = detail.get("socketCount")
+                sockets = count if isinstance(count, int) and count > 0 else 1
+            told = self._view.correct(user, is_online, username, since)
+            targets = self._watchers.get(user, set()) - ({asker} if asker else set())
+            if told is None or not targets:
+                continue
+            data: dict[str, Any] = {"userId": user, "username": told}
+            if is_online:
+                data["socketCount"] = sockets
+            self._deliver(
+                targets, {"type": "user:online" if is_online else "user:offline", "data": data}
+            )
+            log.info(
+                "presence event missed; watchers corrected",
+                user=user[:64],
+                online=is_online,
+                watchers=len(targets),
+            )
+            if self._on_corrected is not None:
+                self._on_corrected()
+
+    async def _check_watched(self) -> None:
+        """Every ``recheck_seconds``, and soon after ``recheck()``, ask for every
+        watched user; retried with backoff while the service cannot answer."""
+        period = self._settings.recheck_seconds or None
+        retry = 0.0
+        while not self._background.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), retry or period)
+            self._recheck.clear()
+            if self._background.stopping:
+                return
+            try:
+                users = self._view.users()
+                for start in range(0, len(users), _CHECK_PAGE):
+                    since = self.mark()
+                    reply = await self.ask(
+                        {"op": "users", "userIds": users[start : start + _CHECK_PAGE]}
+                    )
+                    await self.observed(reply.get("online") or {}, since)
+                retry = 0.0
+            except ProtocolError:
+                # No service answers (a takeover settling, NATS away): try again.
+                retry = min(max(2 * retry, 0.5), period or _MAX_RETRY_SECONDS)
+            except Exception as exc:
+                log.warning("presence check failed", error=repr(exc))
+                retry = period or _MAX_RETRY_SECONDS
 
     # -- queries -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     GatewayFactory,
     wait_until,
 )
+from tests.tcpcut import CuttableLink
 from tests.wsclient import WsClient
 
 GRACE = FAST_PRESENCE["grace_seconds"]
@@ -365,3 +366,56 @@ async def test_reports_that_arrive_during_an_append_share_the_next_one(
         assert all(replayed.socket_count(u) == 1 for u in users)
     finally:
         await nc.close()
+
+
+async def test_a_watcher_whose_gateway_missed_the_event_is_told_after_the_reconnect(
+    make_broker: BrokerFactory,
+    make_gateway: GatewayFactory,
+    connect: ClientFactory,
+    nats_server: Any,
+) -> None:
+    """gw1's link to NATS is cut while alice leaves: the service announces her
+    offline, gw1 never hears it. Back on NATS, gw1 checks what its watchers saw
+    and tells carol. (Periodic checks are off: the reconnect does it.)"""
+    settings = dict(FAST_PRESENCE, visibility="all", grace_seconds=0.2, recheck_seconds=0)
+    broker = await make_broker(presence=settings)
+    link = CuttableLink("127.0.0.1", nats_server.port)
+    await link.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        gw1 = await make_gateway("gw1", nats_url=link.url, presence=settings)
+        gw2 = await make_gateway("gw2", presence=settings)
+        await answering(broker)
+        carol = await connect(gw1, "carol")
+        alice = await connect(gw2, "alice")
+
+        async def alice_online() -> bool:
+            reply = await carol.ok("presence:users", {"userIds": ["alice"]})
+            return bool(reply["online"]["alice"])
+
+        await wait_until(alice_online)
+        ack = await carol.ok("presence:subscribe", {"userIds": ["alice"]})
+        assert ack["online"] == {"alice": True}
+        announced = asyncio.Event()
+
+        async def on_event(msg: Any) -> None:
+            if json.loads(msg.data)["type"] == "user:offline":
+                announced.set()
+
+        await nc.subscribe(subjects.live_presence_user_subject("alice"), cb=on_event)
+        await nc.flush()
+        link.sever()
+        await alice.close()
+        await asyncio.wait_for(announced.wait(), 10)  # announced while gw1 was cut off
+        assert carol.take("user:offline") == []
+        link.mend()
+        offline = await carol.next("user:offline", userId="alice", timeout=10)
+        assert offline["data"]["username"] == "alice"
+        assert gw1.node.metrics.presence_corrected._value.get() == 1
+        # The check agrees from now on: alice coming back is announced once, as usual.
+        await connect(gw2, "alice")
+        await carol.next("user:online", userId="alice")
+        assert carol.take("user:online") == [] and carol.take("user:offline") == []
+    finally:
+        await nc.close()
+        await link.close()

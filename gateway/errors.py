@@ -21,13 +21,18 @@ class ErrorCode(enum.StrEnum):
 class ProtocolError(Exception):
     """A request the gateway refuses; becomes an ack error or an ``error`` frame."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, user_ids: list[str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # Presence refusals: the users the asker may not see.
+        self.user_ids = user_ids
 
-    def as_dict(self) -> dict[str, str]:
-        return {"code": self.code.value, "message": self.message}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.user_ids is not None:
+            out["userIds"] = self.user_ids
+        return out
 
 
 def raise_for_reply(reply: dict[str, Any], what: str) -> None:

@@ -444,6 +444,7 @@ class PresenceLink:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN,
                 f"you share no room with: {shown}" + (" ..." if len(hidden) > 5 else ""),
+                user_ids=[str(u) for u in hidden],
             )
         online: dict[str, bool] = reply.get("online", {})
         return online

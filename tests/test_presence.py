@@ -176,6 +176,10 @@ async def test_shared_rooms_visibility(
     assert await mallory.error("presence:users", {"userIds": ["alice"]}) == "forbidden"
     assert await mallory.error("presence:users", {"userIds": ["nobody"]}) == "forbidden"
     assert await mallory.error("presence:subscribe", {"userIds": ["alice"]}) == "forbidden"
+    # The refusal names every hidden user of the request (not yourself).
+    ack = await mallory.request("presence:users", {"userIds": ["mallory", "alice", "nobody"]})
+    assert ack["error"]["code"] == "forbidden"
+    assert sorted(ack["error"]["userIds"]) == ["alice", "nobody"]
     assert await mallory.ok("presence:users", {"userIds": ["mallory"]}) == {
         "online": {"mallory": True}
     }

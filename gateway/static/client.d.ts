@@ -237,6 +237,8 @@ export declare class RtgateError extends Error {
   /** With "closed" after a close by the server or given-up reconnects: its code and reason. */
   readonly closeCode?: number;
   readonly reason?: string;
+  /** With "forbidden" from a presence request: the users you share no room with. */
+  readonly userIds?: string[];
 }
 
 export declare class RtgateClient {

@@ -1336,7 +1336,8 @@ export class RtgateClient {
     if (!entry) return; // timed out, aborted, or from before a reconnect
     this.#pending.delete(frame.id);
     const error = frame.ok === true ? null
-      : new RtgateError(frame.error?.code ?? "internal", frame.error?.message ?? "request failed");
+      : new RtgateError(frame.error?.code ?? "internal", frame.error?.message ?? "request failed",
+        Array.isArray(frame.error?.userIds) ? { userIds: frame.error.userIds.map(String) } : undefined);
     if ("internal" in entry) {
       if (entry.timer !== undefined) this.#clock.clearTimeout(entry.timer);
       entry.callback(error, frame.data);
@@ -1433,19 +1434,38 @@ export class RtgateClient {
    */
   #resubscribe() {
     const users = [...this.#watched.keys()];
-    for (let i = 0; i < users.length; i += 100) {
-      this.#sendInternal("presence:subscribe", { userIds: users.slice(i, i + 100) }, this.#requestTimeoutMs, (error, data) => {
-        if (error) {
-          this.#emit("error", { code: error.code, message: `presence watches not renewed: ${error.message}` });
-          return;
+    for (let i = 0; i < users.length; i += 100) this.#renew(users.slice(i, i + 100), true);
+  }
+
+  /**
+   * One page of watches. Under shared-rooms, users who share no room with us any
+   * more (offline ones included) fail the whole page: renew the rest once.
+   * @param {string[]} page @param {boolean} retry
+   */
+  #renew(page, retry) {
+    this.#sendInternal("presence:subscribe", { userIds: page }, this.#requestTimeoutMs, (error, data) => {
+      if (error) {
+        /** @type {string[]} */
+        const hidden = error.code === "forbidden" && Array.isArray(error.userIds)
+          ? error.userIds.filter((id) => page.includes(id)) : [];
+        /** @type {Record<string, unknown>} */
+        const event = { code: error.code, message: `presence watches not renewed: ${error.message}` };
+        if (hidden.length > 0) {
+          // The server does not watch them now: neither do we.
+          for (const id of hidden) this.#watched.delete(id);
+          event.userIds = hidden;
         }
-        for (const [userId, online] of Object.entries(isObject(data?.online) ? data.online : {})) {
-          if (!this.#watched.has(userId) || this.#watched.get(userId) === online) continue;
-          this.#watched.set(userId, online === true);
-          this.#dispatch(online ? "user:online" : "user:offline", { userId, resubscribed: true });
-        }
-      });
-    }
+        this.#emit("error", event);
+        const rest = page.filter((id) => !hidden.includes(id));
+        if (retry && hidden.length > 0 && rest.length > 0) this.#renew(rest, false);
+        return;
+      }
+      for (const [userId, online] of Object.entries(isObject(data?.online) ? data.online : {})) {
+        if (!this.#watched.has(userId) || this.#watched.get(userId) === online) continue;
+        this.#watched.set(userId, online === true);
+        this.#dispatch(online ? "user:online" : "user:offline", { userId, resubscribed: true });
+      }
+    });
   }
 
   /**

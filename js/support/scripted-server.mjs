@@ -101,8 +101,8 @@ export class ScriptedConnection {
     this.send({ type: "ack", id, ok: true, data });
   }
 
-  fail(id, code, message = code) {
-    this.send({ type: "ack", id, ok: false, error: { code, message } });
+  fail(id, code, message = code, extra = {}) {
+    this.send({ type: "ack", id, ok: false, error: { code, message, ...extra } });
   }
 
   close(code, reason = "") {

@@ -42,6 +42,16 @@ async function connected(options = {}, accept = {}) {
   return { client, conn };
 }
 
+/** Cut a connection and accept the client's next one, 500 ms of backoff later. */
+async function reconnected(client, conn) {
+  conn.ws.terminate();
+  await nextEvent(client, "reconnecting");
+  clock.advance(500);
+  const again = await server.nextConnection();
+  await again.accept();
+  return again;
+}
+
 /** Wait for a condition that follows a frame already on its way (a few event-loop turns). */
 async function until(check, what = "condition") {
   for (let i = 0; i < 200; i++) {
@@ -311,11 +321,7 @@ describe("the offline queue", () => {
     const { client, conn } = await connected();
     const sent = client.sendMessage("lobby", "hello");
     const first = await conn.next("chat:message");
-    conn.ws.terminate();
-    await nextEvent(client, "reconnecting");
-    clock.advance(500);
-    const again = await server.nextConnection();
-    await again.accept();
+    const again = await reconnected(client, conn);
     const retry = await again.next("chat:message");
     assert.equal(retry.data.clientId, first.data.clientId);
     const message = { roomId: "lobby", content: "hello", offset: 9, epoch: "E1" };
@@ -424,11 +430,7 @@ describe("recovery", () => {
     const sub = client.presenceSubscribe(["bob", "carol"]);
     conn.ack((await conn.next("presence:subscribe")).id, { online: { bob: true, carol: false }, watching: 2 });
     await sub;
-    conn.ws.terminate();
-    await nextEvent(client, "reconnecting");
-    clock.advance(500);
-    const again = await server.nextConnection();
-    await again.accept();
+    const again = await reconnected(client, conn);
     const resub = await again.next("presence:subscribe");
     assert.deepEqual(resub.data.userIds.sort(), ["bob", "carol"]);
     const changes = [];
@@ -439,6 +441,32 @@ describe("recovery", () => {
       ["user:offline", { userId: "bob", resubscribed: true }],
       ["user:online", { userId: "carol", resubscribed: true }],
     ]);
+  });
+
+  it("renews the other watches when some users no longer share a room", async () => {
+    const { client, conn } = await connected();
+    const sub = client.presenceSubscribe(["bob", "carol", "dave"]);
+    conn.ack((await conn.next("presence:subscribe")).id, { online: { bob: true, carol: true, dave: false }, watching: 3 });
+    await sub;
+    const again = await reconnected(client, conn);
+    const errors = [];
+    client.on("error", (e) => errors.push(e));
+    const first = await again.next("presence:subscribe");
+    assert.deepEqual(first.data.userIds.sort(), ["bob", "carol", "dave"]);
+    again.fail(first.id, "forbidden", "you share no room with: carol", { userIds: ["carol"] });
+    const second = await again.next("presence:subscribe");
+    assert.deepEqual(second.data.userIds.sort(), ["bob", "dave"]);
+    const changes = [];
+    client.onAny((type, d) => type.startsWith("user:") && changes.push([type, d]));
+    again.ack(second.id, { online: { bob: false, dave: false }, watching: 2 });
+    await until(() => changes.length === 1);
+    assert.deepEqual(changes, [["user:offline", { userId: "bob", resubscribed: true }]]);
+    assert.equal(errors.length, 1);
+    assert.equal(errors[0].code, "forbidden");
+    assert.deepEqual(errors[0].userIds, ["carol"]);
+    // carol is no longer watched: the next reconnect does not ask for her.
+    const third = await reconnected(client, again);
+    assert.deepEqual((await third.next("presence:subscribe")).data.userIds.sort(), ["bob", "dave"]);
   });
 
   it("delivers the inbox in order, once, when a live message beats the resume's replay", async () => {

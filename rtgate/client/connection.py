@@ -500,13 +500,34 @@ class Client:
     async def _resubscribe(self, conn: _Conn) -> None:
         for users in self._watches.chunks():
             try:
-                ack = await self._internal(conn, "presence:subscribe", {"userIds": users})
+                try:
+                    ack = await self._internal(conn, "presence:subscribe", {"userIds": users})
+                except RtgateError as exc:
+                    # Under shared-rooms, users who share no room with us any more
+                    # (offline ones included) fail the whole page: renew the rest.
+                    hidden = set(exc.user_ids or ()) & set(users)
+                    rest = [u for u in users if u not in hidden]
+                    if exc.code != "forbidden" or not hidden or not rest:
+                        raise
+                    self._not_renewed(exc, sorted(hidden))
+                    ack = await self._internal(conn, "presence:subscribe", {"userIds": rest})
             except RtgateError as exc:
-                log.warning("presence watches not renewed: %s", exc)
-                self._emit("error", {"code": exc.code, "message": exc.message})
+                self._not_renewed(exc, users if exc.code != "forbidden" else exc.user_ids)
                 continue
             for kind, data in self._watches.resubscribed(ack):
                 self._emit(kind, data)
+
+    def _not_renewed(self, exc: RtgateError, user_ids: list[str] | None) -> None:
+        log.warning("presence watches not renewed: %s", exc)
+        event: dict[str, Any] = {
+            "code": exc.code,
+            "message": f"presence watches not renewed: {exc.message}",
+        }
+        if exc.code == "forbidden" and user_ids:
+            # The server does not watch them now: neither do we.
+            self._watches.unsubscribed(user_ids)
+            event["userIds"] = user_ids
+        self._emit("error", event)
 
     def _settled(self, conn: _Conn, settled: Settled) -> None:
         for kind, data in settled.deliver:
@@ -599,8 +620,14 @@ class Client:
             # re-join keeps it in (docs/protocol.md, room:join).
             if room is not None and self._recovery.position(room_channel(room)) is None:
                 self._recovery.forget(room)
+        user_ids = error.get("userIds")
         self._fail(
-            p.future, RtgateError(str(error.get("code", "internal")), str(error.get("message", "")))
+            p.future,
+            RtgateError(
+                str(error.get("code", "internal")),
+                str(error.get("message", "")),
+                user_ids=[str(u) for u in user_ids] if isinstance(user_ids, list) else None,
+            ),
         )
 
     def _acked(self, entry: Entry, data: Any) -> None:

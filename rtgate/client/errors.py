@@ -8,14 +8,23 @@ class RtgateError(Exception):
 
     ``code`` is the server's error code (``forbidden``, ``unavailable``, ...;
     docs/protocol.md section 4) or one of the client's own codes below.
-    ``close_code`` is set when the failure is a WebSocket close.
+    ``close_code`` is set when the failure is a WebSocket close. ``user_ids``
+    names, on a ``forbidden`` presence request, the users you share no room with.
     """
 
-    def __init__(self, code: str, message: str, *, close_code: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        close_code: int | None = None,
+        user_ids: list[str] | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.close_code = close_code
+        self.user_ids = user_ids
 
 
 class RequestTimeout(RtgateError):

@@ -91,6 +91,21 @@ class PresenceMetrics:
         self.events = Counter(
             "rtgate_presence_events", "Presence events published", ["type"], registry=registry
         )
+        self.journaled = Counter(
+            "rtgate_presence_journaled_reports",
+            "Gateway reports journaled (reports arriving during an append share the next)",
+            registry=registry,
+        )
+        self.appends = Counter(
+            "rtgate_presence_journal_appends",
+            "Journal appends (ticks, takeover marks and reports)",
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "rtgate_presence_reports_waiting",
+            "Reports received and waiting for the journal (at most 10,000)",
+            registry=registry,
+        )
         self.failovers = Counter(
             "rtgate_presence_failovers",
             "Times this process took over from another presence service",
@@ -394,6 +409,7 @@ class PresenceService:
                 await self._committer
             self._committer = None
         self._waiting.clear()
+        self.metrics.waiting.set(0)
         self._has_room.set()
         for sub in self._subs:
             with contextlib.suppress(Exception):
@@ -493,6 +509,7 @@ class PresenceService:
         if self._closing or self._committer is None:
             return  # stepping down: refused, as the committer would refuse it
         self._waiting.append((kind, gateway, msg.data, report))
+        self.metrics.waiting.set(len(self._waiting))
         self._arrived.set()
 
     async def _commit_loop(self) -> None:
@@ -508,6 +525,7 @@ class PresenceService:
                     batch.append(item)
                     size += len(item[2])
                 del self._waiting[: len(batch)]
+                self.metrics.waiting.set(len(self._waiting))
                 self._has_room.set()
                 try:
                     await self._input(batch)
@@ -529,6 +547,7 @@ class PresenceService:
                 entry = journal.encode_batch(now, [(k, g, raw) for k, g, raw, _ in reports])
             if not await self._append(log_, entry):
                 return
+            self.metrics.journaled.inc(len(reports))
             events: list[PresenceEvent] = []
             resync: list[str] = []
             for kind, gateway, _, report in reports:
@@ -570,6 +589,7 @@ class PresenceService:
 
     async def _append(self, log_: Journal, entry: bytes) -> bool:
         """False when another service wrote the journal: this one must stop."""
+        self.metrics.appends.inc()
         try:
             await log_.append(entry)
         except Fenced:

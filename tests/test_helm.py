@@ -805,3 +805,17 @@ def test_nats_values_match_the_nats_server_config() -> None:
     assert chart["nats"]["auth"]["gatewayUser"] in users
     assert chart["nats"]["auth"]["brokerUser"] in users
     assert chart["config"]["streams"]["replicas"] == config["cluster"]["replicas"]
+
+
+def test_every_exported_metric_is_documented() -> None:
+    """docs/operations.md lists every metric the services export: a new one
+    cannot ship unexplained."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    exported = exported_metric_names()
+    suffixes = ("_total", "_created", "_bucket", "_sum", "_count")
+    names = (
+        {n for n in exported if n.endswith("_total")}
+        | {n.removesuffix("_bucket") for n in exported if n.endswith("_bucket")}
+        | {n for n in exported if not n.endswith(suffixes)}
+    )
+    assert sorted(n for n in names if f"`{n}`" not in text) == []

@@ -362,6 +362,10 @@ async def test_reports_that_arrive_during_an_append_share_the_next_one(
         carrying = [e for e in entries if e.kind in ("events", presence_journal.BATCH)]
         assert len(carrying) < len(users), "every report had its own append"
         assert any(e.kind == presence_journal.BATCH for e in carrying)
+        metrics = presence.metrics
+        assert metrics.journaled._value.get() >= len(users)
+        assert metrics.appends._value.get() < metrics.journaled._value.get()
+        assert metrics.waiting._value.get() == 0
 
         replayed, exact = await PresenceService(
             nc, presence._settings, "other", CollectorRegistry()

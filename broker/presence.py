@@ -335,7 +335,7 @@ class PresenceService:
                 log.info("presence service answering queries")
             await self._tick()
             self.metrics.show(self.state)
-            self._expire_syncs(now)
+            await self._expire_syncs(now)
             if self._dirty and now - saved_at >= self._settings.snapshot_interval_seconds:
                 await self._save()
                 saved_at = now
@@ -380,6 +380,9 @@ class PresenceService:
                         )
                         inputs = []
                     for kind, gateway, report in inputs:
+                        if kind == journal.SYNC_EXPIRED:
+                            self._syncs.pop(gateway, None)
+                            continue
                         try:
                             decoded = None if kind == "tick" else wire.decode(kind, report)
                             self._apply(state, kind, gateway, decoded, entry.now)
@@ -654,9 +657,24 @@ class PresenceService:
         log.info("presence sync", gateway=gateway, connections=len(full))
         return state.sync(gateway, full, now)
 
-    def _expire_syncs(self, now: float) -> None:
-        for gateway, (_, _, _, started) in list(self._syncs.items()):
-            if now - started > SYNC_ASSEMBLY_SECONDS:
+    async def _expire_syncs(self, now: float) -> None:
+        """Drop syncs whose parts stopped arriving; journaled, so that a replay
+        does not complete one with a part that came later."""
+        expired = [
+            g for g, (_, _, _, at) in self._syncs.items() if now - at > SYNC_ASSEMBLY_SECONDS
+        ]
+        if not expired:
+            return
+        async with self._lock:
+            log_ = self._journal
+            if log_ is None or self._fenced or self._closing:
+                return
+            for gateway in expired:
+                pending = self._syncs.get(gateway)
+                if pending is None or now - pending[3] <= SYNC_ASSEMBLY_SECONDS:
+                    continue  # completed, or a part came, meanwhile
+                if not await self._append(log_, journal.encode(now, journal.SYNC_EXPIRED, gateway)):
+                    return
                 log.warning("incomplete presence sync dropped", gateway=gateway)
                 del self._syncs[gateway]
 

@@ -38,6 +38,9 @@ _PAGE = 1000
 _WRONG_LAST_SEQUENCE = 10071
 # The kind of an entry holding several reports (``encode_batch``).
 BATCH = "batch"
+# The kind of an entry that drops a gateway's incomplete sync (its parts
+# stopped arriving): a replay must forget the parts it has, as the service did.
+SYNC_EXPIRED = "sync-expired"
 
 
 class Fenced(Exception):
@@ -52,7 +55,8 @@ class JournalGap(Exception):
 class Entry:
     seq: int
     now: float
-    kind: str  # a report kind (events, heartbeat, sync), "batch", "tick" or "takeover"
+    # A report kind (events, heartbeat, sync), "batch", "tick", "sync-expired" or "takeover".
+    kind: str
     gateway: str
     report: Any
 

@@ -119,3 +119,30 @@ def test_a_malformed_batch_entry_is_refused() -> None:
     for report in ({"not": "a list"}, [["events", "g1"]], ["x"]):
         with pytest.raises(ValueError):
             presence_journal.unbatch(Entry(1, 1.0, presence_journal.BATCH, "", report))
+
+
+def _sync_part(gateway: str, part: int, parts: int, conn: str, user: str) -> Any:
+    return {
+        "gateway": gateway,
+        "syncId": "s1",
+        "part": part,
+        "parts": parts,
+        "connections": [[conn, user, user, ["lobby"]]],
+    }
+
+
+async def test_an_expired_sync_is_not_completed_by_a_late_part_on_replay() -> None:
+    # Part 0 of 2 arrived, then nothing for 10 s: the service dropped the sync
+    # (journaled). The late part 1 then started a new, incomplete assembly.
+    journal = _Journal(
+        [
+            Entry(1, 1.0, "takeover", "a", None),
+            Entry(2, 2.0, "sync", "g1", _sync_part("g1", 0, 2, "c1", "alice")),
+            Entry(3, 12.5, presence_journal.SYNC_EXPIRED, "g1", None),
+            Entry(4, 13.0, "sync", "g1", _sync_part("g1", 1, 2, "c2", "bob")),
+        ]
+    )
+    service = _service()
+    state, exact = await service._rebuild(None, journal, 20.0)  # type: ignore[arg-type]
+    assert exact and state is not None
+    assert not state.is_online("alice") and not state.is_online("bob")

@@ -227,5 +227,14 @@ async def close(nc: Client | None, timeout: float = 5.0) -> None:
         await nc.close()  # nothing to do once drained
     except OSError as exc:
         # The link broke while stopping (flushing to a dead socket): nothing
-        # is left to send, and stopping must not fail because of it.
+        # is left to send, and stopping must not fail because of it. nats-py
+        # skips the rest of its cleanup then, so do it here (its internals,
+        # pinned by the nats-py version): no subscription task or socket left.
         log.warning("nats close failed", error=repr(exc))
+        for sub in list(nc._subs.values()):
+            task = sub._wait_for_msgs_task
+            if task is not None and not task.done():
+                task.cancel()
+        nc._subs.clear()
+        if nc._transport is not None:
+            nc._transport.close()  # type: ignore[no-untyped-call]

@@ -63,9 +63,14 @@ SYNC_ASSEMBLY_SECONDS = 10.0
 # (group commit), up to this many bytes per entry: under nats-server's
 # max_payload (1 MiB) with room for two 256 KiB sync parts.
 MAX_ENTRY_BYTES = 512 * 1024
-# Reports waiting for the journal, at most: beyond it the subscription stops
+# Reports waiting for the journal, at most (by count and by bytes: a takeover
+# brings every gateway's sync at once): beyond either the subscription stops
 # taking them, and nats-py's pending limits apply.
 MAX_WAITING_REPORTS = 10_000
+MAX_WAITING_BYTES = 64 * 1024 * 1024
+# What a report adds to a batch entry besides its own bytes: its kind and
+# gateway id and the brackets around them.
+_BATCH_ITEM_OVERHEAD = 16
 
 
 class PresenceMetrics:
@@ -167,6 +172,7 @@ class PresenceService:
         # Reports received and checked, waiting for the committer, which
         # journals everything waiting in one append.
         self._waiting: list[tuple[str, str, bytes, wire.Report]] = []
+        self._waiting_bytes = 0
         self._arrived = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -304,6 +310,7 @@ class PresenceService:
             exact=exact,
         )
         self._waiting.clear()
+        self._waiting_bytes = 0
         self._committer = loop.create_task(self._commit_loop())
         self._subs.append(
             await self._nc.subscribe(subjects.PRESENCE_PREFIX + ">", cb=self._on_report)
@@ -386,7 +393,7 @@ class PresenceService:
                         try:
                             decoded = None if kind == "tick" else wire.decode(kind, report)
                             self._apply(state, kind, gateway, decoded, entry.now)
-                        except wire.WireError as exc:
+                        except Exception as exc:  # as the live service skipped it
                             log.warning(
                                 "bad presence journal entry skipped", seq=entry.seq, error=str(exc)
                             )
@@ -412,6 +419,7 @@ class PresenceService:
                 await self._committer
             self._committer = None
         self._waiting.clear()
+        self._waiting_bytes = 0
         self.metrics.waiting.set(0)
         self._has_room.set()
         for sub in self._subs:
@@ -506,12 +514,13 @@ class PresenceService:
             )
             return
         # Waits while the committer is far behind, so what waits stays bounded.
-        while len(self._waiting) >= MAX_WAITING_REPORTS:
+        while len(self._waiting) >= MAX_WAITING_REPORTS or self._waiting_bytes >= MAX_WAITING_BYTES:
             self._has_room.clear()
             await self._has_room.wait()
         if self._closing or self._committer is None:
             return  # stepping down: refused, as the committer would refuse it
         self._waiting.append((kind, gateway, msg.data, report))
+        self._waiting_bytes += len(msg.data)
         self.metrics.waiting.set(len(self._waiting))
         self._arrived.set()
 
@@ -523,11 +532,13 @@ class PresenceService:
                 batch: list[tuple[str, str, bytes, wire.Report]] = []
                 size = 0
                 for item in self._waiting:
-                    if batch and size + len(item[2]) > MAX_ENTRY_BYTES:
+                    cost = len(item[0]) + len(item[1]) + len(item[2]) + _BATCH_ITEM_OVERHEAD
+                    if batch and size + cost > MAX_ENTRY_BYTES:
                         break
                     batch.append(item)
-                    size += len(item[2])
+                    size += cost
                 del self._waiting[: len(batch)]
+                self._waiting_bytes -= sum(len(item[2]) for item in batch)
                 self.metrics.waiting.set(len(self._waiting))
                 self._has_room.set()
                 try:
@@ -552,20 +563,28 @@ class PresenceService:
                 return
             self.metrics.journaled.inc(len(reports))
             events: list[PresenceEvent] = []
-            resync: list[str] = []
+            resync: dict[str, None] = {}  # in order, once per gateway
             for kind, gateway, _, report in reports:
-                caused, needs_sync = self._apply(state, kind, gateway, report, now)
+                try:
+                    caused, needs_sync = self._apply(state, kind, gateway, report, now)
+                except Exception as exc:
+                    # A bug, not bad input (that was refused before journaling): the
+                    # rest of the batch still counts, and a replay skips it alike.
+                    log.error("presence report failed", gateway=gateway, kind=kind, error=repr(exc))
+                    continue
                 events += caused
                 if needs_sync:
-                    resync.append(gateway)
+                    resync[gateway] = None
             self._dirty = True
-            for gateway in resync:
-                await self._nc.publish(
-                    subjects.presence_sync_subject(gateway),
-                    wire.encode_sync_request(self.revision, "digest"),
-                    headers=self._fence(),
-                )
-            await self._emit(events)
+            try:
+                for gateway in resync:
+                    await self._nc.publish(
+                        subjects.presence_sync_subject(gateway),
+                        wire.encode_sync_request(self.revision, "digest"),
+                        headers=self._fence(),
+                    )
+            finally:
+                await self._emit(events)
 
     async def _tick(self) -> None:
         async with self._lock:

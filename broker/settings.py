@@ -155,7 +155,10 @@ class PresenceSettings:
         require(self.heartbeat_seconds > 0, "presence.heartbeat_seconds must be > 0")
         require(self.missed_heartbeats >= 1, "presence.missed_heartbeats must be >= 1")
         require(self.grace_seconds >= 0, "presence.grace_seconds must be >= 0")
-        require(self.recheck_seconds >= 0, "presence.recheck_seconds must be >= 0")
+        require(
+            self.recheck_seconds == 0 or self.recheck_seconds >= 1,
+            "presence.recheck_seconds must be 0 (off) or >= 1",
+        )
         require(
             self.visibility in PRESENCE_POLICIES,
             f"presence.visibility must be {' or '.join(PRESENCE_POLICIES)}",

@@ -663,9 +663,10 @@ class Client:
         except ProtocolError:
             node.presence.unwatch(self, new)
             raise
-        # Other watchers of these users may have missed an event the answer shows.
+        # Other watchers of these users may have missed an event the answer shows;
+        # and an event newer than the answer may have come in meanwhile.
         with contextlib.suppress(ProtocolError):
-            await node.presence.observed(online, since, asker=self)
+            online = await node.presence.observed(online, since, asker=self)
         return {"online": online, "watching": len(self.watching or ())}
 
     async def on_presence_unsubscribe(self, frame: protocol.Frame) -> Any:

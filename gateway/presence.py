@@ -328,9 +328,18 @@ class PresenceLink:
 
     async def observed(
         self, online: dict[str, bool], since: int, asker: Client | None = None
-    ) -> None:
+    ) -> dict[str, bool]:
         """The service's answer about watched users, asked at ``since``: watchers
-        whose view it contradicts are told (except ``asker``, whose ack says it)."""
+        whose view it contradicts are told (except ``asker``). Returns what the
+        watchers now see of each, for ``asker``'s ack: an event newer than the
+        answer, or a correction made meanwhile, wins over the answer."""
+        try:
+            await self._correct(online, since, asker)
+        finally:
+            seen = {u: self._view.state(u) for u in online}
+        return {u: s if s is not None else online[u] for u, s in seen.items()}
+
+    async def _correct(self, online: dict[str, bool], since: int, asker: Client | None) -> None:
         for user, is_online in online.items():
             if not isinstance(is_online, bool) or not self._view.differs(user, is_online, since):
                 continue

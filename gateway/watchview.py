@@ -31,8 +31,11 @@ class WatchView:
         self._events = 0
 
     def track(self, user: str) -> None:
-        """``user`` gained a first local watcher."""
-        self._seen.setdefault(user, Seen())
+        """``user`` gained a first local watcher. Answers to questions asked before
+        this are not believed for them: an event may have come in between."""
+        if user not in self._seen:
+            self._events += 1
+            self._seen[user] = Seen(at=self._events)
 
     def forget(self, user: str) -> None:
         """``user`` lost their last local watcher."""
@@ -40,6 +43,11 @@ class WatchView:
 
     def users(self) -> list[str]:
         return list(self._seen)
+
+    def state(self, user: str) -> bool | None:
+        """What watchers of ``user`` were last told; None if not known."""
+        seen = self._seen.get(user)
+        return None if seen is None else seen.online
 
     def mark(self) -> int:
         """Taken before a question is sent; pass it with the answer."""
@@ -67,10 +75,14 @@ class WatchView:
         contradiction: it is taken as is.
         """
         seen = self._seen.get(user)
-        if seen is None or seen.at > since:
+        if seen is None:
             return False
         if seen.online is None:
+            # Taken even when an event came after the question: the event's
+            # state would have been set, so there was none for this user.
             seen.online = online
+            return False
+        if seen.at > since:
             return False
         return seen.online != online
 

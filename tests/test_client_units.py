@@ -501,3 +501,36 @@ def test_watches_report_what_changed_while_away() -> None:
     many = Watches()
     many.subscribed([f"u{i}" for i in range(250)], {"online": {}})
     assert [len(c) for c in many.chunks()] == [100, 100, 50]
+
+
+# -- renewing watches after a reconnect ----------------------------------------------
+
+
+async def test_renewing_a_chunk_drops_every_refused_user_and_renews_the_rest() -> None:
+    """Each refusal names users who share no room with us any more; the client
+    drops them and asks again for the rest, until nobody is refused."""
+    from rtgate.client import Client, RtgateError
+
+    client = Client("ws://127.0.0.1:1/ws", token="t")
+    client._watches.subscribed(["bob", "carol", "dave"], {"online": {"bob": True}})
+    asked: list[list[str]] = []
+    refusals = [["carol"], ["dave"]]
+
+    async def internal(_conn: Any, kind: str, data: Any) -> Any:
+        assert kind == "presence:subscribe"
+        asked.append(list(data["userIds"]))
+        if refusals:
+            raise RtgateError("forbidden", "you share no room", user_ids=refusals.pop(0))
+        return {"online": {u: False for u in data["userIds"]}, "watching": len(data["userIds"])}
+
+    client._internal = internal  # type: ignore[method-assign]
+    events: list[tuple[str, Any]] = []
+    client.on_any(lambda kind, data: events.append((kind, data)))
+    await client._renew(None, ["bob", "carol", "dave"])  # type: ignore[arg-type]
+    assert asked == [["bob", "carol", "dave"], ["bob", "dave"], ["bob"]]
+    assert [(k, d.get("userIds")) for k, d in events if k == "error"] == [
+        ("error", ["carol"]),
+        ("error", ["dave"]),
+    ]
+    assert ("user:offline", {"userId": "bob", "username": "bob", "resubscribed": True}) in events
+    assert client._watches.users == ["bob"]

@@ -64,3 +64,19 @@ def test_a_correction_without_a_known_name_uses_the_id() -> None:
     view.differs("alice", True, view.mark())
     since = view.mark()
     assert view.correct("alice", False, None, since) == "alice"
+
+
+def test_an_answer_asked_before_a_user_was_tracked_again_is_not_believed() -> None:
+    # A periodic check asks; she comes online (delivered); her last watcher goes
+    # and a new one comes (forget, track), whose ack says online. The check's
+    # answer, "offline", is older than all of that.
+    view = _view("alice")
+    view.differs("alice", False, view.mark())
+    since = view.mark()
+    assert view.event("alice", True, "Alice")
+    view.forget("alice")
+    view.track("alice")
+    assert not view.differs("alice", True, view.mark())  # the new watcher's ack
+    assert view.state("alice") is True
+    assert not view.differs("alice", False, since)
+    assert view.correct("alice", False, None, since) is None

@@ -1434,15 +1434,16 @@ export class RtgateClient {
    */
   #resubscribe() {
     const users = [...this.#watched.keys()];
-    for (let i = 0; i < users.length; i += 100) this.#renew(users.slice(i, i + 100), true);
+    for (let i = 0; i < users.length; i += 100) this.#renew(users.slice(i, i + 100));
   }
 
   /**
    * One page of watches. Under shared-rooms, users who share no room with us any
-   * more (offline ones included) fail the whole page: renew the rest once.
-   * @param {string[]} page @param {boolean} retry
+   * more (offline ones included) fail the whole page: drop those the refusal
+   * names and renew the rest, until nobody is refused.
+   * @param {string[]} page
    */
-  #renew(page, retry) {
+  #renew(page) {
     this.#sendInternal("presence:subscribe", { userIds: page }, this.#requestTimeoutMs, (error, data) => {
       if (error) {
         /** @type {string[]} */
@@ -1457,7 +1458,7 @@ export class RtgateClient {
         }
         this.#emit("error", event);
         const rest = page.filter((id) => !hidden.includes(id));
-        if (retry && hidden.length > 0 && rest.length > 0) this.#renew(rest, false);
+        if (hidden.length > 0 && rest.length > 0) this.#renew(rest);
         return;
       }
       for (const [userId, online] of Object.entries(isObject(data?.online) ? data.online : {})) {

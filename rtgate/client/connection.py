@@ -499,34 +499,38 @@ class Client:
 
     async def _resubscribe(self, conn: _Conn) -> None:
         for users in self._watches.chunks():
+            await self._renew(conn, users)
+
+    async def _renew(self, conn: _Conn, page: list[str]) -> None:
+        """One chunk of watches. Under shared-rooms, users who share no room with
+        us any more (offline ones included) fail the whole chunk: drop those the
+        refusal names and renew the rest, until nobody is refused."""
+        while page:
             try:
-                try:
-                    ack = await self._internal(conn, "presence:subscribe", {"userIds": users})
-                except RtgateError as exc:
-                    # Under shared-rooms, users who share no room with us any more
-                    # (offline ones included) fail the whole page: renew the rest.
-                    hidden = set(exc.user_ids or ()) & set(users)
-                    rest = [u for u in users if u not in hidden]
-                    if exc.code != "forbidden" or not hidden or not rest:
-                        raise
-                    self._not_renewed(exc, sorted(hidden))
-                    ack = await self._internal(conn, "presence:subscribe", {"userIds": rest})
+                ack = await self._internal(conn, "presence:subscribe", {"userIds": page})
             except RtgateError as exc:
-                self._not_renewed(exc, users if exc.code != "forbidden" else exc.user_ids)
+                hidden = [u for u in exc.user_ids or () if u in page]
+                if exc.code != "forbidden":
+                    hidden = []
+                self._not_renewed(exc, hidden)
+                if not hidden:
+                    return  # still ours to watch: subscribed again at the next reconnect
+                page = [u for u in page if u not in hidden]
                 continue
             for kind, data in self._watches.resubscribed(ack):
                 self._emit(kind, data)
+            return
 
-    def _not_renewed(self, exc: RtgateError, user_ids: list[str] | None) -> None:
+    def _not_renewed(self, exc: RtgateError, hidden: list[str]) -> None:
         log.warning("presence watches not renewed: %s", exc)
         event: dict[str, Any] = {
             "code": exc.code,
             "message": f"presence watches not renewed: {exc.message}",
         }
-        if exc.code == "forbidden" and user_ids:
+        if hidden:
             # The server does not watch them now: neither do we.
-            self._watches.unsubscribed(user_ids)
-            event["userIds"] = user_ids
+            self._watches.unsubscribed(hidden)
+            event["userIds"] = hidden
         self._emit("error", event)
 
     def _settled(self, conn: _Conn, settled: Settled) -> None:

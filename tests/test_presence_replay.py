@@ -1,16 +1,18 @@
-"""A takeover's replay of the journal reproduces what the last service announced.
-
-Fed from journal entries directly (no NATS): these are the cases where the
-replay once diverged, found in review."""
+"""The presence service without NATS: a takeover's replay of the journal
+reproduces what the last service announced (fed from journal entries directly;
+these are the cases where the replay once diverged, found in review), and the
+reports waiting for the journal stay bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from broker import presence as presence_module
 from broker import presence_journal
 from broker import presence_wire as wire
 from broker.presence import PresenceService
@@ -146,3 +148,33 @@ async def test_an_expired_sync_is_not_completed_by_a_late_part_on_replay() -> No
     state, exact = await service._rebuild(None, journal, 20.0)  # type: ignore[arg-type]
     assert exact and state is not None
     assert not state.is_online("alice") and not state.is_online("bob")
+
+
+class _Msg:
+    def __init__(self, subject: str, data: bytes) -> None:
+        self.subject = subject
+        self.data = data
+
+
+async def test_reports_waiting_for_the_journal_are_bounded_in_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the byte bound the subscription callback waits (nats-py's pending
+    limits take over) until the committer takes reports out."""
+    report = wire.encode_heartbeat("g1", "d" * 16, 0, 5.0)
+    monkeypatch.setattr(presence_module, "MAX_WAITING_BYTES", 3 * len(report))
+    service = _service()
+    service._committer = asyncio.get_running_loop().create_future()  # "leading"
+    msg = _Msg("rt.presence.heartbeat.g1", report)
+    for _ in range(3):
+        await service._on_report(msg)  # type: ignore[arg-type]
+    fourth = asyncio.ensure_future(service._on_report(msg))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert not fourth.done() and len(service._waiting) == 3
+    # The committer takes a batch: room again.
+    del service._waiting[:2]
+    service._waiting_bytes -= 2 * len(report)
+    service._has_room.set()
+    await asyncio.wait_for(fourth, 1)
+    assert len(service._waiting) == 2
+    service._committer.cancel()

@@ -8,7 +8,9 @@ import contextlib
 import dataclasses
 import re
 import secrets
+import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -300,6 +302,13 @@ def _token(args: argparse.Namespace) -> None:
     from gateway.auth import mint
 
     cfg = gconfig.load(args.config)
+    if args.private_key is None and cfg.auth.secret == gconfig.DEV_SECRET:
+        print(
+            "rtgate token: warning: signed with the built-in development secret; a gateway "
+            "with any other auth.secret (rtgate dev makes its own: set RTGATE_AUTH__SECRET "
+            "as it prints) refuses this token",
+            file=sys.stderr,
+        )
     pem: str | None = None
     if args.private_key is not None:
         try:
@@ -347,11 +356,31 @@ def _wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None
         time.sleep(0.1)
 
 
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _run_dev(args: argparse.Namespace) -> int:
     from gateway.auth import mint
     from gateway.config import AuthSettings
     from rtgate.natsserver import NatsServer, env_without_rtgate
 
+    # Checked first: readiness is polled over HTTP, and another process on a
+    # port (another rtgate dev) would answer for a child that failed to bind.
+    for option, port in (("--port", args.port), ("--broker-port", args.broker_port)):
+        if _port_in_use(port):
+            print(
+                f"rtgate dev: port {port} is in use (another rtgate dev?); choose another "
+                f"with {option}",
+                file=sys.stderr,
+            )
+            return 2
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     secret_file = state / "dev-secret"
@@ -440,7 +469,8 @@ def _banner(args: argparse.Namespace, nats_url: str, token: str, secret: str) ->
             f"  WebSocket   {ws}",
             f"  dev token   {token}",
             f"              (user {args.user!r}, valid 7 days; connect to {ws}?token=<token>)",
-            f"  more tokens RTGATE_AUTH__SECRET={secret} rtgate token --user bob",
+            f"  more tokens RTGATE_AUTH__SECRET={secret} {_self_command()} token --user bob "
+            "--name Bob",
             f"  metrics     http://127.0.0.1:{args.port}/metrics (gateway), "
             f"http://127.0.0.1:{args.broker_port}/metrics (broker)",
             f"  NATS        {nats_url}",
@@ -449,6 +479,15 @@ def _banner(args: argparse.Namespace, nats_url: str, token: str, secret: str) ->
             "",
         ]
     )
+
+
+def _self_command() -> str:
+    """How this rtgate was started, to repeat in a hint (a venv's bin is often not
+    on PATH)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "rtgate"
+    if Path(argv0).name == "rtgate" and "/" in argv0:
+        return shlex.quote(argv0)
+    return "rtgate"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -208,8 +209,75 @@ def test_rtgate_dev_runs_the_whole_system(
 
     ack = asyncio.run(chat())
     assert ack["ok"] is True
+    # The banner's "more tokens" line runs as printed, and its token is accepted.
+    hint = re.search(r"more tokens (RTGATE_AUTH__SECRET=\S+) (.+)", banner)
+    assert hint, banner
+    secret_env, command = hint.group(1), hint.group(2).split()
+    assert command[0].endswith("rtgate") and command[1:] == [
+        "token",
+        "--user",
+        "bob",
+        "--name",
+        "Bob",
+    ]
+    minted = subprocess.run(
+        [*RTGATE, *command[1:]],
+        env=env_without_rtgate({"RTGATE_AUTH__SECRET": secret_env.split("=", 1)[1]}),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert minted.stderr == ""  # no warning: not the built-in secret
+
+    async def bob_welcome() -> dict[str, object]:
+        async with websockets.connect(f"{url.group(1)}?token={minted.stdout.strip()}") as ws:
+            return dict(json.loads(await ws.recv()))
+
+    welcome = asyncio.run(bob_welcome())
+    assert welcome["type"] == "welcome"
     # Ctrl-C stops every child.
     os.killpg(dev.pid, signal.SIGINT)
     assert dev.wait(30) == 0
     assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 0
     assert _get(f"http://127.0.0.1:{broker_port}/healthz")[0] == 0
+
+
+def test_rtgate_dev_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                *RTGATE,
+                "dev",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--port",
+                str(free_port()),
+                "--broker-port",
+                str(busy),
+            ],
+            env=env_without_rtgate({}),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 2
+    assert f"port {busy} is in use" in done.stderr and "--broker-port" in done.stderr
+    assert "rtgate is running" not in done.stdout
+    assert not (tmp_path / "state").exists()  # nothing was started
+
+
+def test_token_command_warns_about_the_built_in_secret() -> None:
+    done = subprocess.run(
+        [*RTGATE, "token", "--user", "bob"],
+        env=env_without_rtgate({}),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert done.stdout.count(".") == 2  # a token all the same
+    assert "built-in development secret" in done.stderr

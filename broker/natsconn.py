@@ -231,6 +231,9 @@ async def close(nc: Client | None, timeout: float = 5.0) -> None:
         # skips the rest of its cleanup then, so do it here (its internals,
         # pinned by the nats-py version): no subscription task or socket left.
         log.warning("nats close failed", error=repr(exc))
+        for task in (nc._reading_task, nc._ping_interval_task, nc._flusher_task):
+            if task is not None and not task.done():
+                task.cancel()
         for sub in list(nc._subs.values()):
             task = sub._wait_for_msgs_task
             if task is not None and not task.done():

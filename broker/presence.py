@@ -108,7 +108,7 @@ class PresenceMetrics:
         )
         self.waiting = Gauge(
             "rtgate_presence_reports_waiting",
-            "Reports received and waiting for the journal (at most 10,000)",
+            "Reports received and waiting for the journal (at most 10,000 or 64 MiB)",
             registry=registry,
         )
         self.failovers = Counter(
@@ -688,12 +688,20 @@ class PresenceService:
             log_ = self._journal
             if log_ is None or self._fenced or self._closing:
                 return
+            # Read under the lock: the journal's clock readings only go up.
+            now = asyncio.get_running_loop().time()
+            expired = [
+                g
+                for g in expired
+                if g in self._syncs and now - self._syncs[g][3] > SYNC_ASSEMBLY_SECONDS
+            ]  # not completed, and no part came, meanwhile
+            if not expired:
+                return
+            # One append for all: a storm of expiries costs one round trip.
+            entry = journal.encode_batch(now, [(journal.SYNC_EXPIRED, g, b"null") for g in expired])
+            if not await self._append(log_, entry):
+                return
             for gateway in expired:
-                pending = self._syncs.get(gateway)
-                if pending is None or now - pending[3] <= SYNC_ASSEMBLY_SECONDS:
-                    continue  # completed, or a part came, meanwhile
-                if not await self._append(log_, journal.encode(now, journal.SYNC_EXPIRED, gateway)):
-                    return
                 log.warning("incomplete presence sync dropped", gateway=gateway)
                 del self._syncs[gateway]
 

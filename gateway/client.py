@@ -666,7 +666,8 @@ class Client:
         # Other watchers of these users may have missed an event the answer shows;
         # and an event newer than the answer may have come in meanwhile.
         with contextlib.suppress(ProtocolError):
-            online = await node.presence.observed(online, since, asker=self)
+            await node.presence.observed(online, since, asker=self)
+        online = node.presence.as_seen(online)
         return {"online": online, "watching": len(self.watching or ())}
 
     async def on_presence_unsubscribe(self, frame: protocol.Frame) -> Any:

@@ -326,20 +326,20 @@ class PresenceLink:
         """Before asking for watched users' state: pass it to ``observed``."""
         return self._view.mark()
 
+    def as_seen(self, online: dict[str, bool]) -> dict[str, bool]:
+        """An answer as this gateway's watchers now see it: an event newer than the
+        answer, or a correction made meanwhile, wins (for a watcher's ack)."""
+        out: dict[str, bool] = {}
+        for user, answer in online.items():
+            seen = self._view.state(user)
+            out[user] = answer if seen is None else seen
+        return out
+
     async def observed(
         self, online: dict[str, bool], since: int, asker: Client | None = None
-    ) -> dict[str, bool]:
+    ) -> None:
         """The service's answer about watched users, asked at ``since``: watchers
-        whose view it contradicts are told (except ``asker``). Returns what the
-        watchers now see of each, for ``asker``'s ack: an event newer than the
-        answer, or a correction made meanwhile, wins over the answer."""
-        try:
-            await self._correct(online, since, asker)
-        finally:
-            seen = {u: self._view.state(u) for u in online}
-        return {u: s if s is not None else online[u] for u, s in seen.items()}
-
-    async def _correct(self, online: dict[str, bool], since: int, asker: Client | None) -> None:
+        whose view it contradicts are told (except ``asker``)."""
         for user, is_online in online.items():
             if not isinstance(is_online, bool) or not self._view.differs(user, is_online, since):
                 continue

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import re
 import secrets
 import shlex
@@ -52,6 +53,16 @@ def _instance(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r} (1 to 65535)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rtgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("dev", help="run NATS, a gateway and the broker locally")
     p.add_argument("--state-dir", default=".rtgate", help="where NATS and the broker keep data")
     p.add_argument("--nats-url", help="use this NATS instead of starting one")
-    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
-    p.add_argument("--broker-port", type=int, default=8090, help="broker HTTP port")
+    p.add_argument("--port", type=_port, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--broker-port", type=_port, default=8090, help="broker HTTP port")
     p.add_argument("--user", default="alice", help="user of the printed dev token")
 
     p = sub.add_parser(
@@ -357,12 +368,14 @@ def _wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None
 
 
 def _port_in_use(port: int) -> bool:
+    """Whether another process listens on 127.0.0.1:``port`` (as the children bind
+    it). Other refusals (a privileged port) are left to the child to report."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
     return False
 
 

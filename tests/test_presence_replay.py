@@ -123,6 +123,12 @@ def test_a_malformed_batch_entry_is_refused() -> None:
             presence_journal.unbatch(Entry(1, 1.0, presence_journal.BATCH, "", report))
 
 
+def _entry(seq: int, raw: bytes) -> Entry:
+    """A journal entry as the service wrote it."""
+    e = json.loads(raw)
+    return Entry(seq, e["now"], e["kind"], e["gateway"], e["report"])
+
+
 def _sync_part(gateway: str, part: int, parts: int, conn: str, user: str) -> Any:
     return {
         "gateway": gateway,
@@ -140,7 +146,12 @@ async def test_an_expired_sync_is_not_completed_by_a_late_part_on_replay() -> No
         [
             Entry(1, 1.0, "takeover", "a", None),
             Entry(2, 2.0, "sync", "g1", _sync_part("g1", 0, 2, "c1", "alice")),
-            Entry(3, 12.5, presence_journal.SYNC_EXPIRED, "g1", None),
+            _entry(
+                3,
+                presence_journal.encode_batch(
+                    12.5, [(presence_journal.SYNC_EXPIRED, "g1", b"null")]
+                ),
+            ),
             Entry(4, 13.0, "sync", "g1", _sync_part("g1", 1, 2, "c2", "bob")),
         ]
     )

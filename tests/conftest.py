@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -85,6 +86,28 @@ class Gateway:
 
     def http(self, path: str) -> str:
         return str(self.server.make_url(path))
+
+
+async def refused_handshake(
+    gw: Gateway, params: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of a WebSocket handshake the gateway refuses: an upgrade
+    GET, whose refusal is an HTTP status with an error body."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.url,
+            params=params,
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                **(headers or {}),
+            },
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

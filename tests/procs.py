@@ -32,10 +32,11 @@ class Procs:
         env.update(extra)
         return env_without_rtgate(env)
 
-    def spawn(self, name: str, command: str, **env: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, command: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """``rtgate <command> <args>``, its output in ``<name>.log``."""
         with (self.tmp_path / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                [*RTGATE, command],
+                [*RTGATE, command, *args],
                 env=self.env(**env),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -4,32 +4,11 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 import jwt
 import pytest
 
-from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, token
+from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, refused_handshake, token
 from tests.wsclient import WsClient
-
-
-async def _http_get(
-    gw: Gateway, params: dict[str, str] | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, object]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            gw.url,
-            params=params,
-            headers={
-                "Connection": "Upgrade",
-                "Upgrade": "websocket",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                **(headers or {}),
-            },
-        ) as resp,
-    ):
-        return resp.status, await resp.json()
 
 
 @pytest.mark.parametrize(
@@ -48,9 +27,9 @@ async def test_bad_handshake_token_gets_401_json(
 ) -> None:
     for where in ("query", "header"):
         if where == "query":
-            status, body = await _http_get(gateway, params={"token": bad_token})
+            status, body = await refused_handshake(gateway, params={"token": bad_token})
         else:
-            status, body = await _http_get(
+            status, body = await refused_handshake(
                 gateway, headers={"Authorization": f"Bearer {bad_token}"}
             )
         assert status == 401
@@ -118,8 +97,8 @@ async def test_wrong_audience_and_issuer(make_gateway: GatewayFactory) -> None:
         {"sub": "a", "aud": "other", "iss": "https://auth.example"}, SECRET, "HS256"
     )
     wrong_iss = jwt.encode({"sub": "a", "aud": "rtgate", "iss": "https://evil"}, SECRET, "HS256")
-    assert (await _http_get(gw, params={"token": wrong_aud}))[0] == 401
-    assert (await _http_get(gw, params={"token": wrong_iss}))[0] == 401
+    assert (await refused_handshake(gw, params={"token": wrong_aud}))[0] == 401
+    assert (await refused_handshake(gw, params={"token": wrong_iss}))[0] == 401
     client = await WsClient.connect(gw.url, token=good)
     try:
         assert (await client.next("welcome"))["data"]["userId"] == "a"

@@ -15,7 +15,7 @@ import pytest
 
 from gateway import admission
 from rtgate.natsserver import NatsServer, env_without_rtgate, free_port
-from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, token
+from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, refused_handshake, token
 from tests.wsclient import WsClient
 
 
@@ -30,19 +30,7 @@ async def _handshake(
                 return 101, {}
         except aiohttp.WSServerHandshakeError as exc:
             assert exc.status is not None
-            async with session.get(
-                gw.url,
-                headers={
-                    **(headers or {}),
-                    "Connection": "Upgrade",
-                    "Upgrade": "websocket",
-                    "Sec-WebSocket-Version": "13",
-                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                },
-                params=params,
-            ) as resp:
-                body = await resp.json()
-            return exc.status, body
+            return exc.status, (await refused_handshake(gw, params, headers))[1]
 
 
 def test_client_address_and_origin_rules() -> None:

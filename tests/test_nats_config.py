@@ -6,8 +6,6 @@ what its role must not do."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import re
 import signal
@@ -19,13 +17,10 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from nats.aio.client import Client as Nats
 
 from broker import subjects
+from tests import certs
 from tests.conftest import token
 from tests.natsconf import (
     BACKEND_USER,
@@ -387,36 +382,10 @@ async def test_gateway_and_broker_are_denied_what_their_roles_do_not_need(
     assert gw.is_connected and br.is_connected
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+def _self_signed(tmp_path: Path) -> tuple[str, str]:
     """A certificate for 127.0.0.1, its own CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rtgate-nats-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    key = certs.key()
+    return certs.write(tmp_path, "self-signed", certs.cert("rtgate-nats-test", key, ca=True), key)
 
 
 async def test_the_tls_block_shown_works_once_uncommented(tmp_path: Path) -> None:

@@ -43,6 +43,12 @@ def _saved(state: PresenceState, clock: float, seq: int) -> dict[str, Any]:
     return {"holder": "a", "clock": clock, "journalSeq": seq, "state": state.snapshot(clock)}
 
 
+def _entry(seq: int, raw: bytes) -> Entry:
+    """A journal entry as the service wrote it."""
+    e = json.loads(raw)
+    return Entry(seq, e["now"], e["kind"], e["gateway"], e["report"])
+
+
 def _config() -> PresenceConfig:
     return PresenceConfig(grace_seconds=1, heartbeat_seconds=5, missed_heartbeats=3)
 
@@ -104,9 +110,8 @@ async def test_a_batch_entry_replays_its_reports_in_order() -> None:
             wire.encode_changes("g1", [wire.Change("disconnect", "c1", "alice", "Alice")]),
         ),
     ]
-    raw = json.loads(presence_journal.encode_batch(3.0, reports))
-    assert raw["kind"] == presence_journal.BATCH and len(raw["report"]) == 3
-    entry = Entry(2, raw["now"], raw["kind"], raw["gateway"], raw["report"])
+    entry = _entry(2, presence_journal.encode_batch(3.0, reports))
+    assert entry.kind == presence_journal.BATCH and len(entry.report) == 3
     assert [k for k, _, _ in presence_journal.unbatch(entry)] == ["events"] * 3
     state, exact = await _service()._rebuild(
         None, _Journal([Entry(1, 1.0, "takeover", "a", None), entry]), 9.0
@@ -121,12 +126,6 @@ def test_a_malformed_batch_entry_is_refused() -> None:
     for report in ({"not": "a list"}, [["events", "g1"]], ["x"]):
         with pytest.raises(ValueError):
             presence_journal.unbatch(Entry(1, 1.0, presence_journal.BATCH, "", report))
-
-
-def _entry(seq: int, raw: bytes) -> Entry:
-    """A journal entry as the service wrote it."""
-    e = json.loads(raw)
-    return Entry(seq, e["now"], e["kind"], e["gateway"], e["report"])
 
 
 def _sync_part(gateway: str, part: int, parts: int, conn: str, user: str) -> Any:

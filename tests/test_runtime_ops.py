@@ -7,9 +7,7 @@ NATS is configured with credentials or TLS); nothing about the bus is mocked.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
@@ -24,18 +22,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from broker.settings import ConfigError
 from gateway import config as gconfig
 from rtgate import cli, sdnotify
 from rtgate.natsserver import find_binary, free_port, wait_for_port
+from tests import certs
 from tests.conftest import token
 from tests.procs import Procs
-from tests.test_processes import RTGATE, _get, _wait_http
+from tests.test_processes import _get, _wait_http
 
 # --- systemd notify -------------------------------------------------------------------------
 
@@ -112,20 +108,6 @@ def test_sdnotify_sends_once_to_a_path_socket(tmp_path: Path) -> None:
         sock.close()
 
 
-def _spawn(procs: Procs, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
-    """A process like Procs.spawn, with command-line arguments (--instance)."""
-    with (procs.tmp_path / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [*RTGATE, *args],
-            env=procs.env(**env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    procs.started.append(proc)
-    return proc
-
-
 @pytest.mark.parametrize("service", ["gateway", "broker"])
 def test_notify_ready_watchdog_stopping(
     procs: Procs, notify_socket: NotifySocket, service: str
@@ -134,20 +116,18 @@ def test_notify_ready_watchdog_stopping(
     port = free_port()
     env = {"NOTIFY_SOCKET": notify_socket.env, "WATCHDOG_USEC": "200000"}
     if service == "gateway":
-        proc = _spawn(
-            procs,
+        proc = procs.spawn(
             "gw",
-            ["gateway"],
+            "gateway",
             RTGATE_SERVER__PORT=str(port),
             RTGATE_SERVER__ID="gw-notify",
             RTGATE_EDGE__DRAIN_SECONDS="0.5",
             **env,
         )
     else:
-        proc = _spawn(
-            procs,
+        proc = procs.spawn(
             "broker",
-            ["broker"],
+            "broker",
             RTGATE_BROKER__PORT=str(port),
             RTGATE_BROKER__ID="broker-notify",
             RTGATE_BROKER__STATE_DIR=str(procs.tmp_path / "state"),
@@ -182,7 +162,7 @@ async def test_two_instances_share_a_port(procs: Procs) -> None:
         "RTGATE_EDGE__HANDSHAKES_PER_SECOND_PER_ADDRESS": "0",
     }
     for n in (0, 1):
-        _spawn(procs, f"gw{n}", ["gateway", "--instance", str(n)], **env)
+        procs.spawn(f"gw{n}", "gateway", "--instance", str(n), **env)
     for n in (0, 1):
         stats = json.loads(_wait_http(f"http://127.0.0.1:{metrics_base + n}/stats"))
         assert stats["gatewayId"] == f"host-a-{n}"
@@ -242,81 +222,14 @@ def test_half_set_settings_refused(env: dict[str, str], message: str) -> None:
 # --- native TLS ------------------------------------------------------------------------------
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-    ca: bool = False,
-    server: bool = True,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    else:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
-def _write(
-    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> tuple[str, str]:
-    cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_file), str(key_file)
-
-
 async def test_gateway_native_tls(procs: Procs, notify_socket: NotifySocket) -> None:
     """wss:// and https:// with a self-signed certificate made here."""
-    key = _key()
-    cert_file, key_file = _write(procs.tmp_path, "gateway", _cert("localhost", key), key)
+    key = certs.key()
+    cert_file, key_file = certs.write(procs.tmp_path, "gateway", certs.cert("localhost", key), key)
     port = free_port()
-    _spawn(
-        procs,
+    procs.spawn(
         "gw-tls",
-        ["gateway"],
+        "gateway",
         RTGATE_SERVER__PORT=str(port),
         RTGATE_SERVER__ID="gw-tls",
         RTGATE_SERVER__TLS_CERT_FILE=cert_file,
@@ -344,10 +257,9 @@ async def test_gateway_native_tls(procs: Procs, notify_socket: NotifySocket) -> 
 
 
 def test_gateway_tls_files_missing(procs: Procs) -> None:
-    proc = _spawn(
-        procs,
+    proc = procs.spawn(
         "gw-badtls",
-        ["gateway"],
+        "gateway",
         RTGATE_SERVER__PORT=str(free_port()),
         RTGATE_SERVER__TLS_CERT_FILE=str(procs.tmp_path / "none.crt"),
         RTGATE_SERVER__TLS_KEY_FILE=str(procs.tmp_path / "none.key"),
@@ -408,10 +320,9 @@ def _gateway_against(
     procs: Procs, server: ConfiguredNats, name: str, **env: str
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = _spawn(
-        procs,
+    proc = procs.spawn(
         name,
-        ["gateway"],
+        "gateway",
         RTGATE_NATS__URLS=server.url,
         RTGATE_SERVER__PORT=str(port),
         RTGATE_SERVER__ID=name,
@@ -468,10 +379,9 @@ def test_nats_user_password_and_token(
     _refused(procs, users, "gw-anon", "Authorization Violation")
     # The broker connects with the same settings code.
     broker_port = free_port()
-    broker = _spawn(
-        procs,
+    broker = procs.spawn(
         "broker-user",
-        ["broker"],
+        "broker",
         RTGATE_NATS__URLS=users.url,
         RTGATE_NATS__USER="rtgate-broker",
         RTGATE_NATS__PASSWORD="br-secret",
@@ -526,24 +436,24 @@ def test_nats_nkey(procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNa
 def test_nats_tls_with_client_certificates(
     procs: Procs, tmp_path: Path, nats_servers: list[ConfiguredNats]
 ) -> None:
-    ca_key = _key()
-    ca = _cert("rtgate test CA", ca_key, ca=True)
+    ca_key = certs.key()
+    ca = certs.cert("rtgate test CA", ca_key, ca=True)
     ca_file = tmp_path / "ca.crt"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server_key, client_key = _key(), _key()
-    server_cert, server_keyf = _write(
-        tmp_path, "nats", _cert("127.0.0.1", server_key, issuer=(ca, ca_key)), server_key
+    server_key, client_key = certs.key(), certs.key()
+    server_cert, server_keyf = certs.write(
+        tmp_path, "nats", certs.cert("127.0.0.1", server_key, issuer=(ca, ca_key)), server_key
     )
-    client_cert, client_keyf = _write(
+    client_cert, client_keyf = certs.write(
         tmp_path,
         "client",
-        _cert("rtgate-gateway", client_key, issuer=(ca, ca_key), server=False),
+        certs.cert("rtgate-gateway", client_key, issuer=(ca, ca_key), server=False),
         client_key,
     )
-    other_key = _key()
+    other_key = certs.key()
     other_ca = tmp_path / "other-ca.crt"
     other_ca.write_bytes(
-        _cert("another CA", other_key, ca=True).public_bytes(serialization.Encoding.PEM)
+        certs.cert("another CA", other_key, ca=True).public_bytes(serialization.Encoding.PEM)
     )
 
     server = ConfiguredNats(

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 import pytest
 import structlog
@@ -31,7 +30,14 @@ from gateway.auth import Authenticator, AuthError, mint
 from gateway.config import AuthSettings
 from gateway.keys import KeyFileError, KeyStore, load_private_key, parse_jwks
 from rtgate.natsserver import NatsServer, env_without_rtgate, free_port, wait_for_port
-from tests.conftest import SECRET, ClientFactory, Gateway, GatewayFactory, token
+from tests.conftest import (
+    SECRET,
+    ClientFactory,
+    Gateway,
+    GatewayFactory,
+    refused_handshake,
+    token,
+)
 from tests.wsclient import WsClient
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -432,24 +438,6 @@ def test_gateway_with_unreadable_key_file_exits_2(tmp_path: Path) -> None:
 # -- against a real gateway ----------------------------------------------------------------
 
 
-async def _handshake(gw: Gateway, tok: str) -> tuple[int, dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            gw.url,
-            params={"token": tok},
-            headers={
-                "Connection": "Upgrade",
-                "Upgrade": "websocket",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            },
-        ) as resp,
-    ):
-        body = await resp.json() if resp.status == 401 else {}
-        return resp.status, body
-
-
 async def _gateway(make_gateway: GatewayFactory, path: Path) -> Gateway:
     return await make_gateway(auth={"jwks_file": str(path), "algorithms": ALGORITHMS})
 
@@ -494,7 +482,7 @@ async def test_unknown_kid_and_confused_algorithm_get_401_json(
             "token signature invalid",
         ),
     ]:
-        status, body = await _handshake(gw, tok)
+        status, body = await refused_handshake(gw, {"token": tok})
         assert status == 401
         assert body["error"]["code"] == "unauthenticated"
         assert message in body["error"]["message"]
@@ -517,13 +505,13 @@ async def test_key_rotated_while_running(
     gw = await _gateway(make_gateway, jwks)
     auth = gw.node.auth
     await connect(gw, token_=signed(rsa_key, "k1"))
-    assert (await _handshake(gw, signed(rsa_key2, "k3")))[0] == 401
+    assert (await refused_handshake(gw, {"token": signed(rsa_key2, "k3")}))[0] == 401
 
     # Rotate: k3 in, k1 out (as SIGHUP would).
     write_jwks(jwks, public_jwk(rsa_key2, "k3"), public_jwk(ec_key, "k2"))
     assert auth.reload_keys() is True
     await connect(gw, "bob", token_=signed(rsa_key2, "k3", "bob"))
-    status, body = await _handshake(gw, signed(rsa_key, "k1"))
+    status, body = await refused_handshake(gw, {"token": signed(rsa_key, "k1")})
     assert status == 401 and body["error"]["message"] == "unknown key id"
 
     # Rotate again, picked up by polling: k1 back, k3 out.
@@ -532,7 +520,7 @@ async def test_key_rotated_while_running(
     assert auth.keys.reload_if_changed() is True
     assert auth.keys.reload_if_changed() is False
     await connect(gw, token_=signed(rsa_key, "k1"))
-    assert (await _handshake(gw, signed(rsa_key2, "k3", "bob")))[0] == 401
+    assert (await refused_handshake(gw, {"token": signed(rsa_key2, "k3", "bob")}))[0] == 401
 
     # A broken file changes nothing.
     jwks.write_text("{")  # noqa: ASYNC240
